@@ -1,0 +1,51 @@
+"""Stage 1: load and validate the dataset, infer the schema, hold out the test set.
+
+Writes to artifacts/: train.parquet, test.parquet and prepared.json (schema, reference
+statistics of the training split for drift monitoring, split method, fingerprints).
+"""
+from __future__ import annotations
+
+import logging
+
+from rareml.artifacts import Layout, write_json
+from rareml.config import load_config
+from rareml.data import (LABEL, file_sha256, frame_fingerprint, infer_schema, load_table, prepare, reference_stats,
+                         split, split_warnings)
+from rareml.errors import run, stage_parser
+
+log = logging.getLogger("01_prepare")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage_parser(__doc__.splitlines()[0]).parse_args(argv)
+    config = load_config(args.config)
+    layout = Layout(args.artifacts)
+    raw = load_table(config.data)
+    raw.index.name = "_row"
+    prepared = prepare(raw, config)
+    train, test, how = split(prepared.frame, config)
+    schema = infer_schema(train, prepared.kinds, config)
+    for warning in split_warnings(train, test, prepared.kinds):
+        log.warning("%s: consider adding it to `drop` in %s", warning, config.path.name)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    train.to_parquet(layout.train)
+    test.to_parquet(layout.test)
+    write_json(layout.prepared, {
+        "config": {"name": config.name, "path": config.path, "data": config.data},
+        "split": how,
+        "rows": {"train": len(train), "test": len(test)},
+        "positives": {"train": int(train[LABEL].sum()), "test": int(test[LABEL].sum())},
+        "dropped": prepared.dropped,
+        "fingerprint": {"data_file_sha256": file_sha256(config.data),
+                        "train": frame_fingerprint(train), "test": frame_fingerprint(test)},
+        "schema": schema.to_dict(),
+        "reference": reference_stats(train, schema),
+    })
+    n_cat = sum(f.kind == "categorical" for f in schema.features)
+    log.info("%s: %d features (%d categorical); train %d rows (%.2f%% positive), test %d rows (%.2f%%); %s",
+             config.name, len(schema.features), n_cat, len(train), 100 * train[LABEL].mean(),
+             len(test), 100 * test[LABEL].mean(), how)
+
+
+if __name__ == "__main__":
+    run(main)

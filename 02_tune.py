@@ -1,0 +1,222 @@
+"""Stage 2: tune XGBoost with Optuna by stratified K-fold CV on the training split.
+
+Average precision is the search metric. Each fold holds out a slice of its training part for
+early stopping, so the fold's validation scores (the out-of-fold predictions that calibration
+and the threshold use later) come from a model that never saw them. Every trial is an MLflow
+child run under one parent run. Writes artifacts/tuned.json and artifacts/oof.parquet.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import optuna
+import pandas as pd
+import xgboost as xgb
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from rareml import metrics
+from rareml.artifacts import Layout, read_json, write_json
+from rareml.config import load_config
+from rareml.data import LABEL
+from rareml.errors import RareMLError, require, run, stage_parser
+from rareml.features import Schema, to_frame
+from rareml.model import base_params, dmatrix, raw_scores, train_booster
+from rareml.tracking import setup_mlflow
+
+log = logging.getLogger("02_tune")
+MAX_ROUNDS, EARLY_STOPPING, ES_SHARE = 2000, 50, 0.1
+# Known-good starting points, tried before TPE explores: XGBoost's defaults, and a slower,
+# subsampled configuration that is strong on most tabular data.
+STARTS = [
+    {"learning_rate": 0.3, "max_depth": 6, "min_child_weight": 1.0, "subsample": 1.0, "colsample_bytree": 1.0,
+     "reg_lambda": 1.0, "reg_alpha": 0.001, "scale_pos_weight": 1.0},
+    {"learning_rate": 0.05, "max_depth": 6, "min_child_weight": 1.0, "subsample": 0.8, "colsample_bytree": 0.8,
+     "reg_lambda": 1.0, "reg_alpha": 0.001, "scale_pos_weight": 1.0},
+]
+
+
+@dataclass
+class Fold:
+    fit: xgb.DMatrix  # training part of the fold, less the early-stopping slice
+    stop: xgb.DMatrix  # early-stopping slice
+    valid: xgb.DMatrix
+    valid_idx: np.ndarray
+
+
+def make_folds(X: pd.DataFrame, y: np.ndarray, k: int, seed: int) -> list[Fold]:
+    """Built once and reused by every trial (same folds for all: fair comparison and pruning)."""
+    folds = []
+    for train_idx, valid_idx in StratifiedKFold(k, shuffle=True, random_state=seed).split(X, y):
+        fit_idx, stop_idx = train_test_split(train_idx, test_size=ES_SHARE, stratify=y[train_idx],
+                                             random_state=seed)
+        folds.append(Fold(dmatrix(X.iloc[fit_idx], y[fit_idx]), dmatrix(X.iloc[stop_idx], y[stop_idx]),
+                          dmatrix(X.iloc[valid_idx], y[valid_idx]), valid_idx))
+    return folds
+
+
+def suggest(trial: optuna.Trial, spw_max: float) -> dict:
+    """The search space; scale_pos_weight runs from 1 (none) to the negative/positive ratio."""
+    return {
+        "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.3, log=True),
+        "max_depth": trial.suggest_int("max_depth", 2, 10),
+        "min_child_weight": trial.suggest_float("min_child_weight", 0.1, 100.0, log=True),
+        "subsample": trial.suggest_float("subsample", 0.5, 1.0),
+        "colsample_bytree": trial.suggest_float("colsample_bytree", 0.3, 1.0),
+        "reg_lambda": trial.suggest_float("reg_lambda", 1e-3, 100.0, log=True),
+        "reg_alpha": trial.suggest_float("reg_alpha", 1e-3, 10.0, log=True),
+        "scale_pos_weight": trial.suggest_float("scale_pos_weight", 1.0, max(spw_max, 1.0 + 1e-9), log=True),
+    }
+
+
+class Deadline(xgb.callback.TrainingCallback):
+    """Stops boosting once the time budget is spent (the trial is then pruned, not scored)."""
+
+    def __init__(self, at: float) -> None:
+        super().__init__()
+        self.at, self.hit = at, False
+
+    def after_iteration(self, model, epoch, evals_log) -> bool:
+        self.hit = self.hit or time.monotonic() > self.at
+        return self.hit
+
+
+class Objective:
+    """Mean CV average precision of one configuration; keeps the best trial's out-of-fold scores."""
+
+    def __init__(self, folds: list[Fold], y: np.ndarray, seed: int, deadline: float) -> None:
+        import mlflow
+
+        self.mlflow, self.folds, self.y, self.seed, self.deadline = mlflow, folds, y, seed, deadline
+        self.spw_max = float((y == 0).sum() / max((y == 1).sum(), 1))
+        self.best_value, self.best_oof, self.best_rounds = -np.inf, None, []
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = suggest(trial, self.spw_max)
+        started = time.monotonic()
+        with self.mlflow.start_run(run_name=f"trial-{trial.number:03d}", nested=True):
+            self.mlflow.log_params(params | {"trial": trial.number})
+            state = "FAILED"
+            try:
+                value, oof, rounds = self._cross_validate(trial, params)
+                state = "COMPLETE"
+            except optuna.TrialPruned:
+                state = "PRUNED"
+                raise
+            finally:
+                self.mlflow.set_tag("state", state)
+                self.mlflow.log_metric("duration_s", time.monotonic() - started)
+        if value > self.best_value:
+            self.best_value, self.best_oof, self.best_rounds = value, oof, rounds
+        return value
+
+    def _cross_validate(self, trial: optuna.Trial, params: dict) -> tuple[float, np.ndarray, list[int]]:
+        oof, rounds, fold_ap = np.full(len(self.y), np.nan), [], []
+        per_fold = {"average_precision": [], "roc_auc": [], "log_loss": [], "brier": []}
+        for k, fold in enumerate(self.folds):
+            if time.monotonic() > self.deadline and trial.study.best_trials:
+                trial.study.stop()
+                raise optuna.TrialPruned("time budget spent")
+            stop = Deadline(self.deadline + 5)
+            booster = train_booster(base_params(self.seed) | params, fold.fit, MAX_ROUNDS, fold.stop,
+                                    EARLY_STOPPING, callbacks=[stop])
+            if stop.hit and trial.study.best_trials:
+                trial.study.stop()
+                raise optuna.TrialPruned("time budget spent")
+            p, y = raw_scores(booster, fold.valid), self.y[fold.valid_idx]
+            oof[fold.valid_idx] = p
+            rounds.append(booster.best_iteration + 1)
+            for name in per_fold:
+                per_fold[name].append(getattr(metrics, name)(y, p))
+                self.mlflow.log_metric(f"fold_{name}", per_fold[name][-1], step=k)
+            trial.report(float(np.mean(per_fold["average_precision"])), k)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after fold {k}")
+        for name, values in per_fold.items():
+            self.mlflow.log_metrics({f"cv_{name}_mean": float(np.mean(values)), f"cv_{name}_std": float(np.std(values))})
+        self.mlflow.log_metric("n_estimators", float(np.mean(rounds)))
+        trial.set_user_attr("cv", {n: float(np.mean(v)) for n, v in per_fold.items()})
+        return float(np.mean(per_fold["average_precision"])), oof, rounds
+
+
+def study_plots(study: optuna.Study) -> dict:
+    """Optuna's history and parameter-importance figures (matplotlib), for the parent run."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as ovm
+
+    figures = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        figures["optuna_history.png"] = ovm.plot_optimization_history(study).figure
+        if len([t for t in study.trials if t.state.is_finished() and t.value is not None]) >= 3:
+            try:
+                figures["optuna_param_importances.png"] = ovm.plot_param_importances(study).figure
+            except (RuntimeError, ValueError) as exc:
+                log.warning("no parameter-importance plot: %s", exc)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--time-budget", type=float, default=300, help="seconds for the search (default 300)")
+    parser.add_argument("--n-trials", type=int, default=None, help="stop after this many trials (default: budget)")
+    args = parser.parse_args(argv)
+    config, layout = load_config(args.config), Layout(args.artifacts)
+    prepared = read_json(require(layout.prepared, "prepare"))
+    schema = Schema.from_dict(prepared["schema"])
+    train = pd.read_parquet(require(layout.train, "prepare"))
+    X, y = to_frame(train, schema), train[LABEL].to_numpy()
+    started = time.monotonic()
+    folds = make_folds(X, y, config.cv_folds, config.seed)
+    objective = Objective(folds, y, config.seed, deadline=started + args.time_budget)
+    sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=8)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner,
+                                study_name=f"{config.name}-xgboost")
+    for start in STARTS:
+        study.enqueue_trial(start)
+    uri = setup_mlflow(config.name)
+    import mlflow
+
+    with mlflow.start_run(run_name="tune") as parent:
+        mlflow.log_params({"config": config.path.name, "cv_folds": config.cv_folds, "seed": config.seed,
+                           "time_budget_s": args.time_budget, "n_trials_max": args.n_trials,
+                           "train_rows": len(train), "train_positives": int(y.sum())})
+        mlflow.set_tags({"stage": "tune", **{f"fingerprint.{k}": v for k, v in prepared["fingerprint"].items()}})
+        mlflow.log_artifact(str(config.path), "config")
+        study.optimize(objective, n_trials=args.n_trials, timeout=args.time_budget, catch=(),
+                       show_progress_bar=sys.stderr.isatty())
+        if objective.best_oof is None:
+            raise RareMLError("no trial completed within the time budget: raise BUDGET (--time-budget)")
+        best = study.best_trial
+        states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
+        mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
+        mlflow.log_metrics({"best_cv_average_precision": best.value, "tune_seconds": time.monotonic() - started,
+                            **{f"best_cv_{k}": v for k, v in best.user_attrs["cv"].items()},
+                            **{f"trials_{k.lower()}": v for k, v in states.items()}})
+        for name, figure in study_plots(study).items():
+            mlflow.log_figure(figure, f"tuning/{name}")
+        history = study.trials_dataframe(attrs=("number", "value", "state", "duration", "params"))
+        history["duration"] = history["duration"].dt.total_seconds()
+        mlflow.log_table(history, "tuning/trials.json")
+    pd.DataFrame({LABEL: y, "score": objective.best_oof}, index=train.index).to_parquet(layout.oof)
+    write_json(layout.tuned, {
+        "params": base_params(config.seed) | best.params,
+        "n_estimators": int(round(np.mean(objective.best_rounds))),
+        "fold_rounds": objective.best_rounds,
+        "cv": best.user_attrs["cv"], "best_trial": best.number, "trials": states,
+        "mlflow": {"tracking_uri": uri, "experiment": config.name, "parent_run_id": parent.info.run_id},
+    })
+    log.info("best trial %d: CV average precision %.4f (%s) in %.0f s", best.number, best.value,
+             ", ".join(f"{n} {k.lower()}" for k, n in states.items()), time.monotonic() - started)
+
+
+if __name__ == "__main__":
+    run(main)

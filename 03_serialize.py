@@ -1,0 +1,160 @@
+"""Stage 3: refit with the best parameters, calibrate, choose the threshold, evaluate once on the
+untouched test split, explain, and write artifacts/model/ (XGBoost's own format, calibrator and
+threshold as JSON, manifest with checksums); log it all to MLflow and register the `champion`.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import sklearn
+import xgboost as xgb
+
+from rareml import metrics, plots
+from rareml.artifacts import Layout, read_json, write_json
+from rareml.calibration import select_calibrator
+from rareml.config import Config, load_config
+from rareml.data import LABEL
+from rareml.errors import RareMLError, require, run, stage_parser
+from rareml.features import Schema, to_frame
+from rareml.model import dmatrix, load_model, raw_scores, save_model, train_booster
+from rareml.tracking import setup_mlflow, ui_command
+
+log = logging.getLogger("03_serialize")
+SHAP_SAMPLE = 2000
+
+
+def score_reference(p: np.ndarray, bins: int = 10) -> dict:
+    """Distribution of calibrated scores (out-of-fold): the baseline for prediction drift."""
+    edges = np.unique(np.quantile(p, np.linspace(0, 1, bins + 1)[1:-1]))
+    counts = np.bincount(np.searchsorted(edges, p, side="left"), minlength=len(edges) + 1)
+    return {"kind": "numeric", "edges": edges.tolist(), "shares": (counts / len(p)).tolist(), "missing": 0.0}
+
+
+def explain(booster: xgb.Booster, X: pd.DataFrame, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """SHAP values from XGBoost's own pred_contribs on a sample of the test split."""
+    sample = X.sample(min(SHAP_SAMPLE, len(X)), random_state=seed)
+    contribs = booster.predict(dmatrix(sample), pred_contribs=True)[:, :-1]
+    return contribs, sample
+
+
+def fairness(test: pd.DataFrame, y: np.ndarray, decision: np.ndarray, schema: Schema) -> dict:
+    return {col: metrics.group_rates(y, decision, test[col].astype(object).to_numpy()) for col in schema.sensitive}
+
+
+def figures(y, p, raw, curve, choice, contribs, sample, names) -> dict:
+    values = [sample[n].to_numpy(dtype=float) if sample[n].dtype.kind == "f" else np.full(len(sample), np.nan)
+              for n in names]
+    return {"pr_roc.png": plots.pr_roc(y, p, choice),
+            "reliability.png": plots.reliability_diagram(y, {"uncalibrated": raw, "calibrated": p}),
+            "threshold.png": plots.threshold_plot(curve, choice),
+            "confusion_matrix.png": plots.confusion(y, p, choice.threshold),
+            "shap_importance.png": plots.shap_bar(names, np.abs(contribs).mean(axis=0)),
+            "shap_beeswarm.png": plots.shap_beeswarm(names, contribs, values)}
+
+
+def log_to_mlflow(config: Config, tuned: dict, layout: Layout, manifest: dict) -> dict:
+    """Log metrics and reports to the tuning's parent run; register the model; alias `champion`.
+    The pyfunc has no MLflow signature on purpose: MLflow's would refuse an int where the schema
+    wants a float, and a missing value; the model's own schema (`to_frame`) checks its input."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = setup_mlflow(config.name)
+    warnings.filterwarnings("ignore", module="mlflow")
+    try:
+        active = mlflow.start_run(run_id=tuned["mlflow"]["parent_run_id"])
+    except MlflowException:
+        log.warning("tuning run %s not found at %s: logging to a new run", tuned["mlflow"]["parent_run_id"], uri)
+        active = mlflow.start_run(run_name="serialize")
+    with active as run_:
+        test = manifest["metrics"]["test"]
+        mlflow.log_metrics({f"test_{k}": v for k, v in test.items()})
+        mlflow.log_metrics({f"test_{k}_ci_{end}": v for k, (lo, hi) in manifest["metrics"]["test_ci"].items()
+                            for end, v in (("low", lo), ("high", hi))})
+        mlflow.log_metrics({"threshold": manifest["threshold"]["threshold"],
+                            **{f"calibration_{m}_{k}": v for m, s in manifest["calibration"]["cv"].items()
+                               for k, v in s.items()}})
+        mlflow.log_artifacts(str(layout.reports), "reports")
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(Path(__file__).parent / "rareml" / "mlflow_model.py"),
+            artifacts={"model_dir": str(layout.model_dir)}, code_paths=[str(Path(__file__).parent / "rareml")],
+            pip_requirements=[f"xgboost=={xgb.__version__}", f"scikit-learn=={sklearn.__version__}",
+                              f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}"])
+        version = mlflow.register_model(info.model_uri, config.name, tags={"model_version": manifest["model_version"]})
+        mlflow.MlflowClient().set_registered_model_alias(config.name, "champion", version.version)
+    return {"tracking_uri": uri, "run_id": run_.info.run_id, "registered_model": config.name,
+            "version": version.version, "alias": "champion", "ui": ui_command(uri)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals")
+    parser.add_argument("--no-mlflow", action="store_true", help="write the model folder only")
+    args = parser.parse_args(argv)
+    config, layout = load_config(args.config), Layout(args.artifacts)
+    tuned = read_json(require(layout.tuned, "tune"))
+    oof = pd.read_parquet(require(layout.oof, "tune"))
+    prepared = read_json(require(layout.prepared, "prepare"))
+    schema = Schema.from_dict(prepared["schema"])
+    train, test = pd.read_parquet(require(layout.train, "prepare")), pd.read_parquet(require(layout.test, "prepare"))
+    started = time.monotonic()
+    booster = train_booster(tuned["params"], dmatrix(to_frame(train, schema), train[LABEL].to_numpy()),
+                            tuned["n_estimators"])
+    y_oof, raw_oof = oof[LABEL].to_numpy(), oof["score"].to_numpy()
+    calibrator, calibration_cv = select_calibrator(y_oof, raw_oof, seed=config.seed)
+    p_oof = calibrator.predict(raw_oof)
+    choice = metrics.choose_threshold(y_oof, p_oof, config.threshold)
+    if not choice.met:
+        log.warning("the %s floor cannot be met on out-of-fold scores: threshold set as close as possible",
+                    config.threshold.metric)
+    X_test, y_test = to_frame(test, schema), test[LABEL].to_numpy()
+    raw_test = raw_scores(booster, dmatrix(X_test))
+    p_test = calibrator.predict(raw_test)
+    evaluation = metrics.evaluate(y_test, p_test, choice.threshold, n_boot=args.bootstrap, seed=config.seed)
+    contribs, sample = explain(booster, X_test, config.seed)
+    importance = dict(zip(schema.names, np.abs(contribs).mean(axis=0).round(6).tolist()))
+    manifest = save_model(layout.model_dir, booster, calibrator, {
+        "name": config.name, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "threshold": choice.to_dict() | {"policy": vars(config.threshold)},
+        "metrics": {"test": {k: e.value for k, e in evaluation.items()},
+                    "test_ci": {k: [e.low, e.high] for k, e in evaluation.items()},
+                    "no_skill": metrics.no_skill(y_test), "cv": tuned["cv"],
+                    "validation": metrics.at_threshold(y_oof, p_oof, choice.threshold) | {
+                        "average_precision": metrics.average_precision(y_oof, p_oof),
+                        "brier": metrics.brier(y_oof, p_oof), "ece": metrics.ece(y_oof, p_oof)},
+                    "fairness": fairness(test, y_test, p_test >= choice.threshold, schema)},
+        "calibration": {"method": calibrator.method, "cv": calibration_cv, "test_ece": metrics.ece(y_test, p_test)},
+        "importance": dict(sorted(importance.items(), key=lambda kv: -kv[1])),
+        "params": tuned["params"] | {"n_estimators": tuned["n_estimators"]},
+        "schema": schema.to_dict(), "reference": prepared["reference"] | {"__score__": score_reference(p_oof)},
+        "data": {"fingerprint": prepared["fingerprint"], "split": prepared["split"], "rows": prepared["rows"]},
+        "versions": {"python": platform.python_version(), "xgboost": xgb.__version__,
+                     "scikit-learn": sklearn.__version__, "pandas": pd.__version__},
+    })
+    reloaded = load_model(layout.model_dir).predict_proba(test)
+    if not np.array_equal(reloaded, p_test):
+        raise RareMLError("the saved model does not reproduce the in-memory predictions: not registering it")
+    layout.reports.mkdir(parents=True, exist_ok=True)
+    curve = metrics.threshold_curve(y_oof, p_oof, config.threshold)
+    for name, fig in figures(y_test, p_test, raw_test, curve, choice, contribs, sample, schema.names).items():
+        fig.savefig(layout.reports / name, dpi=110)
+    write_json(layout.reports / "metrics.json", manifest["metrics"])
+    registry = None if args.no_mlflow else log_to_mlflow(config, tuned, layout, manifest)
+    write_json(layout.root / "serialized.json", {"model_dir": layout.model_dir, "model_version":
+               manifest["model_version"], "seconds": time.monotonic() - started, "mlflow": registry})
+    ci = evaluation["average_precision"]
+    log.info("model %s: test AP %.4f [%.4f, %.4f] (no skill %.4f), ROC-AUC %.4f, Brier %.4f, %s calibration, "
+             "threshold %.4f (%s): precision %.3f, recall %.3f", manifest["model_version"], ci.value, ci.low,
+             ci.high, np.mean(y_test), evaluation["roc_auc"].value, evaluation["brier"].value, calibrator.method,
+             choice.threshold, choice.metric, evaluation["precision"].value, evaluation["recall"].value)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,57 @@
+# rareml task index: `make help` lists the targets. CI, the README and the GitHub workflow use these names.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/census_income_kdd.toml
+ARTIFACTS ?= artifacts
+BUDGET ?= 420
+PYTEST_ARGS ?=
+export MLFLOW_DISABLE_TELEMETRY ?= true
+STAGE_ARGS = --config $(CONFIG) --artifacts $(ARTIFACTS)
+
+.PHONY: help setup all prepare tune serialize test test-all benchmark mlflow-ui clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  variables: CONFIG=$(CONFIG) ARTIFACTS=$(ARTIFACTS) BUDGET=$(BUDGET) (seconds of tuning)"
+
+setup: $(VENV)/.installed ## create .venv from requirements.txt (idempotent)
+
+$(VENV)/.installed: requirements.txt
+	@test -n "$(PYTHON)" || { echo "error: python3.11 not found"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' || { echo "error: $(PYTHON) is older than 3.11"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "error: cannot create a venv: on Debian, apt-get install python3-venv"; exit 1; }
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+all: setup ## the main job: prepare, tune, serialize; then say where everything is
+	$(MAKE) --no-print-directory prepare
+	$(MAKE) --no-print-directory tune
+	$(MAKE) --no-print-directory serialize
+	@$(PY) -c 'import json,sys; s=json.load(open(sys.argv[1])); m=s["mlflow"] or {}; \
+	print(f"\nmodel:          {s[\"model_dir\"]} (version {s[\"model_version\"]})\nreports:        $(ARTIFACTS)/reports/"); \
+	print(f"MLflow runs:    {m.get(\"tracking_uri\")} (registered model {m.get(\"registered_model\")} v{m.get(\"version\")}, alias champion)"); \
+	print(f"MLflow UI:      .venv/bin/{m.get(\"ui\")}")' $(ARTIFACTS)/serialized.json
+
+prepare: setup ## 01: validate the data, infer the schema, hold out the test set
+	$(PY) 01_prepare.py $(STAGE_ARGS)
+
+tune: setup ## 02: Optuna search over XGBoost, each trial an MLflow child run (BUDGET seconds)
+	$(PY) 02_tune.py $(STAGE_ARGS) --time-budget $(BUDGET)
+
+serialize: setup ## 03: refit, calibrate, threshold, evaluate, write $(ARTIFACTS)/model, register champion
+	$(PY) 03_serialize.py $(STAGE_ARGS)
+
+test: setup ## the test suite (unit, data, model tiers)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+benchmark: setup ## time and memory per stage on the default dataset (BUDGET seconds of tuning)
+	$(PY) benchmarks/pipeline.py --config $(CONFIG) --budget $(BUDGET)
+
+mlflow-ui: setup ## browse the MLflow runs on http://127.0.0.1:5000
+	MLFLOW_ALLOW_FILE_STORE=true $(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-mlruns} --host 127.0.0.1 --port 5000
+
+clean: ## remove artifacts and MLflow runs (keeps .venv)
+	rm -rf $(ARTIFACTS) mlruns

@@ -1,0 +1,123 @@
+"""The dataset config (TOML): the only file a user writes, read once into typed objects."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rareml.errors import RareMLError
+
+THRESHOLD_METRICS = ("f1", "fbeta", "mcc", "min_precision", "min_recall", "cost")
+
+
+@dataclass(frozen=True)
+class ThresholdPolicy:
+    """How the production threshold is picked on calibrated out-of-fold scores."""
+
+    metric: str = "f1"
+    beta: float = 1.0
+    min_precision: float = 0.5
+    min_recall: float = 0.5
+    cost_fp: float = 1.0
+    cost_fn: float = 1.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated dataset config; paths are absolute."""
+
+    name: str
+    data: Path
+    target: str
+    positive: object
+    path: Path
+    drop: tuple[str, ...] = ()
+    sensitive: tuple[str, ...] = ()
+    time: str | None = None
+    categorical: tuple[str, ...] = ()
+    numeric: tuple[str, ...] = ()
+    test_size: float = 0.2
+    cv_folds: int = 5
+    seed: int = 42
+    max_categories: int = 200
+    threshold: ThresholdPolicy = field(default_factory=ThresholdPolicy)
+
+    def columns_named(self) -> dict[str, str]:
+        """Every column the config names, with the key that names it."""
+        named = {self.target: "target"}
+        if self.time:
+            named[self.time] = "time"
+        for key in ("drop", "sensitive", "categorical", "numeric"):
+            for col in getattr(self, key):
+                named.setdefault(col, key)
+        return named
+
+
+_TYPES = {
+    "name": str, "data": str, "target": str, "positive": (int, str, bool), "drop": list,
+    "sensitive": list, "time": str, "categorical": list, "numeric": list, "test_size": float,
+    "cv_folds": int, "seed": int, "max_categories": int, "threshold": dict,
+}
+_THRESHOLD_TYPES = {"metric": str, "beta": float, "min_precision": float, "min_recall": float,
+                    "cost_fp": float, "cost_fn": float}
+_REQUIRED = ("name", "data", "target", "positive")
+
+
+def _check_types(table: dict, types: dict, where: str) -> None:
+    for key, value in table.items():
+        if key not in types:
+            raise RareMLError(f"{where}: unknown key '{key}' (known: {', '.join(types)})")
+        want = types[key]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if want is int and isinstance(value, bool) or not isinstance(value, want):
+            raise RareMLError(f"{where}: '{key}' has the wrong type ({type(value).__name__})")
+        if want is list and not all(isinstance(v, str) for v in value):
+            raise RareMLError(f"{where}: '{key}' must be a list of column names")
+
+
+def _threshold_policy(table: dict, where: str) -> ThresholdPolicy:
+    _check_types(table, _THRESHOLD_TYPES, f"{where} [threshold]")
+    policy = ThresholdPolicy(**{k: (float(v) if k != "metric" else v) for k, v in table.items()})
+    if policy.metric not in THRESHOLD_METRICS:
+        raise RareMLError(f"{where} [threshold]: metric '{policy.metric}' is not one of "
+                          f"{', '.join(THRESHOLD_METRICS)}")
+    for key in ("min_precision", "min_recall"):
+        if not 0 < getattr(policy, key) <= 1:
+            raise RareMLError(f"{where} [threshold]: {key} must be in (0, 1]")
+    if policy.beta <= 0 or policy.cost_fp < 0 or policy.cost_fn < 0 or policy.cost_fp + policy.cost_fn == 0:
+        raise RareMLError(f"{where} [threshold]: beta must be > 0 and costs >= 0, not both 0")
+    return policy
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a dataset config; every problem names the key."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise RareMLError(f"config file not found: {path}")
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise RareMLError(f"{path.name}: not valid TOML ({exc})") from None
+    _check_types(table, _TYPES, path.name)
+    missing = [k for k in _REQUIRED if k not in table]
+    if missing:
+        raise RareMLError(f"{path.name}: missing required key(s): {', '.join(missing)}")
+    lists = {k: tuple(table.get(k, ())) for k in ("drop", "sensitive", "categorical", "numeric")}
+    both = set(lists["categorical"]) & set(lists["numeric"])
+    if both:
+        raise RareMLError(f"{path.name}: column(s) both categorical and numeric: {', '.join(sorted(both))}")
+    config = Config(
+        name=table["name"], data=(path.parent / table["data"]).resolve(), target=table["target"],
+        positive=table["positive"], path=path, time=table.get("time"), **lists,
+        test_size=float(table.get("test_size", 0.2)), cv_folds=table.get("cv_folds", 5),
+        seed=table.get("seed", 42), max_categories=table.get("max_categories", 200),
+        threshold=_threshold_policy(table.get("threshold", {}), path.name),
+    )
+    if not 0 < config.test_size < 1:
+        raise RareMLError(f"{path.name}: test_size must be between 0 and 1")
+    if not 2 <= config.cv_folds <= 20:
+        raise RareMLError(f"{path.name}: cv_folds must be between 2 and 20")
+    if config.target in config.drop or config.target == config.time:
+        raise RareMLError(f"{path.name}: the target '{config.target}' cannot also be dropped or the time column")
+    return config

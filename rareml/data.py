@@ -1,0 +1,202 @@
+"""Loading, validating and splitting a dataset; the schema and reference statistics of training data."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from rareml.config import Config
+from rareml.errors import RareMLError
+from rareml.features import CATEGORICAL, NUMERIC, Feature, Schema, category_strings
+
+log = logging.getLogger(__name__)
+LABEL = "_label"  # the target as 0/1 in the prepared splits
+
+
+@dataclass
+class Prepared:
+    """A validated dataset: the frame with a 0/1 `_label` column, the feature kinds, and what was dropped."""
+
+    frame: pd.DataFrame
+    kinds: dict[str, str]
+    dropped: dict[str, str]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def frame_fingerprint(frame: pd.DataFrame) -> str:
+    """A hash of the rows (index and values), stable across runs and file formats."""
+    return hashlib.sha256(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes()).hexdigest()[:16]
+
+
+def load_table(path: Path) -> pd.DataFrame:
+    """Read a .csv, .csv.gz or .parquet file; any failure is one clear line."""
+    if not path.is_file():
+        raise RareMLError(f"data file not found: {path}")
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet"):
+            frame = pd.read_parquet(path)
+        elif name.endswith((".csv", ".csv.gz")):
+            frame = pd.read_csv(path, low_memory=False)
+        else:
+            raise RareMLError(f"{path.name}: unsupported format (use .csv, .csv.gz or .parquet)")
+    except RareMLError:
+        raise
+    except Exception as exc:  # any parser's failure on a user's file is a user error
+        raise RareMLError(f"{path.name}: cannot read it as {path.suffix} ({type(exc).__name__}: {exc})") from None
+    if frame.empty:
+        raise RareMLError(f"{path.name}: no rows")
+    return frame
+
+
+def _label(frame: pd.DataFrame, config: Config) -> pd.Series:
+    target = frame[config.target]
+    values = target.dropna().unique()
+    if len(values) != 2:
+        shown = ", ".join(map(repr, values[:5].tolist()))
+        raise RareMLError(f"target '{config.target}' is not binary: {len(values)} distinct values ({shown})")
+    is_pos = target == config.positive
+    if not is_pos.any():
+        is_pos = target.astype(str) == str(config.positive)
+    if not is_pos.any():
+        raise RareMLError(f"positive label {config.positive!r} not found in target '{config.target}' "
+                          f"(its values: {', '.join(map(repr, values.tolist()))})")
+    return is_pos.astype("int8")
+
+
+def _kind(frame: pd.DataFrame, col: str, config: Config) -> str:
+    if col in config.categorical:
+        return CATEGORICAL
+    values = frame[col]
+    if col in config.numeric and not pd.api.types.is_numeric_dtype(values):
+        coerced = pd.to_numeric(values, errors="coerce")
+        bad = values[coerced.isna() & values.notna()]
+        if len(bad):
+            raise RareMLError(f"column '{col}' is listed as numeric but holds {bad.iloc[0]!r}")
+        frame[col] = coerced
+        return NUMERIC
+    numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+    return NUMERIC if numeric or col in config.numeric else CATEGORICAL
+
+
+def prepare(frame: pd.DataFrame, config: Config) -> Prepared:
+    """Validate the frame against the config; label the target; drop useless columns (with a warning)."""
+    absent = {c: k for c, k in config.columns_named().items() if c not in frame.columns}
+    if absent:
+        raise RareMLError("config names column(s) absent from the data: "
+                          + ", ".join(f"'{c}' ({k})" for c, k in absent.items()))
+    missing_target = frame[config.target].isna()
+    if missing_target.any():
+        log.warning("dropping %d rows with a missing target", int(missing_target.sum()))
+        frame = frame.loc[~missing_target]
+    frame = frame.copy()
+    frame[LABEL] = _label(frame, config)
+    dropped = {c: "config drop" for c in config.drop}
+    kinds = {}
+    for col in frame.columns:
+        if col in (config.target, LABEL, config.time) or col in dropped:
+            continue
+        if frame[col].isna().all():
+            dropped[col] = "all values missing"
+        elif frame[col].nunique(dropna=False) <= 1:
+            dropped[col] = "constant"
+        else:
+            kinds[col] = _kind(frame, col, config)
+            if kinds[col] == CATEGORICAL:
+                frame[col] = category_strings(frame[col])
+    for col, why in dropped.items():
+        if why != "config drop":
+            log.warning("dropping column '%s': %s", col, why)
+    if not kinds:
+        raise RareMLError("no usable feature columns left after dropping")
+    keep = list(kinds) + [c for c in config.sensitive if c not in kinds] + [config.target, LABEL]
+    keep += [config.time] if config.time else []
+    return Prepared(frame=frame[list(dict.fromkeys(keep))], kinds=kinds, dropped=dropped)
+
+
+def split(frame: pd.DataFrame, config: Config) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Hold out the test set: the latest period when `time` is set, else a stratified share."""
+    if config.time:
+        periods = frame[config.time].dropna().unique()
+        if len(periods) < 2:
+            raise RareMLError(f"time column '{config.time}' has fewer than two periods: cannot split by time")
+        latest = max(periods)
+        is_test = (frame[config.time] == latest).to_numpy()
+        train, test, how = frame.loc[~is_test], frame.loc[is_test], f"time: test = {config.time} {latest}"
+    else:
+        train, test = train_test_split(frame, test_size=config.test_size, stratify=frame[LABEL],
+                                       random_state=config.seed)
+        how = f"stratified random: test = {config.test_size:.0%}"
+    n_pos = int(train[LABEL].sum())
+    if n_pos < config.cv_folds:
+        raise RareMLError(f"only {n_pos} positive(s) in the training split, fewer than cv_folds = {config.cv_folds}")
+    if test[LABEL].sum() == 0 or (train[LABEL] == 0).sum() < config.cv_folds:
+        raise RareMLError("the split leaves no positives in the test set or too few negatives to train")
+    return train, test, how
+
+
+def infer_schema(train: pd.DataFrame, kinds: dict[str, str], config: Config) -> Schema:
+    """The schema from the training split only (levels and ranges never look at the test set)."""
+    feats = []
+    for col, kind in kinds.items():
+        values = train[col]
+        missing = float(values.isna().mean())
+        if kind == NUMERIC:
+            v = values.dropna().astype(float)
+            feats.append(Feature(col, NUMERIC, min=float(v.min()), max=float(v.max()),
+                                 typical=float(v.median()), missing_rate=missing))
+            continue
+        counts = values.value_counts()
+        if len(counts) > config.max_categories:
+            log.warning("column '%s' has %d levels: keeping the %d most frequent, the rest count as unseen",
+                        col, len(counts), config.max_categories)
+        levels = sorted(counts.index[: config.max_categories])
+        feats.append(Feature(col, CATEGORICAL, categories=tuple(levels), typical=str(counts.index[0]),
+                             missing_rate=missing))
+    return Schema(features=tuple(feats), target=config.target, positive=config.positive,
+                  sensitive=config.sensitive)
+
+
+def reference_stats(train: pd.DataFrame, schema: Schema, bins: int = 10) -> dict:
+    """Per-feature distribution of the training data, the baseline for drift (PSI) in production."""
+    ref = {}
+    for f in schema.features:
+        values = train[f.name]
+        missing = float(values.isna().mean())
+        if f.kind == NUMERIC:
+            v = values.dropna().astype(float).to_numpy()
+            edges = np.unique(np.quantile(v, np.linspace(0, 1, bins + 1)[1:-1]))
+            counts = np.bincount(np.searchsorted(edges, v, side="left"), minlength=len(edges) + 1)
+            ref[f.name] = {"kind": NUMERIC, "edges": edges.tolist(),
+                           "shares": (counts / len(values)).tolist(), "missing": missing}
+        else:
+            shares = values.value_counts(dropna=True) / len(values)
+            ref[f.name] = {"kind": CATEGORICAL, "shares": {k: float(shares.get(k, 0.0)) for k in f.categories},
+                           "other": float(1 - missing - shares.reindex(list(f.categories)).fillna(0).sum()),
+                           "missing": missing}
+    return ref
+
+
+def split_warnings(train: pd.DataFrame, test: pd.DataFrame, kinds: dict[str, str]) -> list[str]:
+    """Columns whose coding changes between the splits (all missing or a single value on one side only):
+    a model would learn a pattern the test period, and production, never shows."""
+    found = []
+    for col in kinds:
+        a, b = train[col], test[col]
+        if a.isna().mean() - b.isna().mean() > 0.5 or b.isna().mean() - a.isna().mean() > 0.5:
+            found.append(f"'{col}' is missing in {a.isna().mean():.0%} of training rows but {b.isna().mean():.0%} of test rows")
+        elif (a.nunique() <= 1) != (b.nunique() <= 1):
+            found.append(f"'{col}' has {a.nunique()} value(s) in training but {b.nunique()} in test")
+    return found

@@ -1,0 +1,110 @@
+"""The model: XGBoost training helpers, and the model folder (booster in XGBoost's own format,
+calibrator and threshold as plain JSON, a manifest with checksums) written and loaded without pickle."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xgboost as xgb
+
+from rareml.calibration import Calibrator
+from rareml.errors import RareMLError
+from rareml.features import Schema, to_frame
+
+BOOSTER_FILE, CALIBRATOR_FILE, MANIFEST_FILE = "model.ubj", "calibrator.json", "manifest.json"
+FORMAT_VERSION = 1
+
+
+def base_params(seed: int) -> dict:
+    """What every booster shares; the tuned parameters are added to these."""
+    return {"objective": "binary:logistic", "eval_metric": "aucpr", "tree_method": "hist",
+            "nthread": os.cpu_count() or 1, "seed": seed, "verbosity": 0}
+
+
+def dmatrix(frame: pd.DataFrame, label: np.ndarray | None = None) -> xgb.DMatrix:
+    return xgb.DMatrix(frame, label=label, enable_categorical=True, nthread=os.cpu_count() or 1)
+
+
+def train_booster(params: dict, dtrain: xgb.DMatrix, rounds: int, deval: xgb.DMatrix | None = None,
+                  early_stopping: int = 50, callbacks: list | None = None) -> xgb.Booster:
+    """Train; with `deval`, stop early on its average precision and keep the best iteration."""
+    evals = [(deval, "eval")] if deval is not None else []
+    return xgb.train(params, dtrain, num_boost_round=rounds, evals=evals, verbose_eval=False,
+                     early_stopping_rounds=early_stopping if evals else None, callbacks=callbacks)
+
+
+def raw_scores(booster: xgb.Booster, data: xgb.DMatrix) -> np.ndarray:
+    """Uncalibrated probabilities, up to the best iteration when early stopping found one."""
+    best = booster.attributes().get("best_iteration")
+    end = int(best) + 1 if best is not None else 0
+    return booster.predict(data, iteration_range=(0, end))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class Model:
+    """A loaded, verified model: records in, calibrated probabilities and decisions out."""
+
+    booster: xgb.Booster
+    calibrator: Calibrator
+    schema: Schema
+    manifest: dict
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest["threshold"]["threshold"])
+
+    @property
+    def version(self) -> str:
+        return self.manifest["model_version"]
+
+    def predict_proba(self, data: pd.DataFrame | Iterable[Mapping]) -> np.ndarray:
+        return self.calibrator.predict(raw_scores(self.booster, dmatrix(to_frame(data, self.schema))))
+
+    def contributions(self, data: pd.DataFrame | Iterable[Mapping]) -> np.ndarray:
+        """Per-feature contributions to the raw log-odds (SHAP values; last column = bias)."""
+        return self.booster.predict(dmatrix(to_frame(data, self.schema)), pred_contribs=True)
+
+
+def save_model(model_dir: Path, booster: xgb.Booster, calibrator: Calibrator, manifest: dict) -> dict:
+    """Write the model folder; the manifest records each file's SHA-256 and a content-derived version."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    booster.save_model(model_dir / BOOSTER_FILE)
+    (model_dir / CALIBRATOR_FILE).write_text(json.dumps(calibrator.to_dict(), indent=2) + "\n")
+    files = {name: sha256(model_dir / name) for name in (BOOSTER_FILE, CALIBRATOR_FILE)}
+    version = hashlib.sha256("".join(files.values()).encode()).hexdigest()[:12]
+    manifest = {"format_version": FORMAT_VERSION, "model_version": version, **manifest, "files": files}
+    (model_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def load_model(model_dir: str | Path) -> Model:
+    """Load the model folder, verifying every checksum first; any problem is a RareMLError."""
+    model_dir = Path(model_dir)
+    try:
+        manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        raise RareMLError(f"no model at {model_dir}: run `make serialize` first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RareMLError(f"{model_dir / MANIFEST_FILE} is corrupt: {exc}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise RareMLError(f"{model_dir}: unsupported model format {manifest.get('format_version')!r}")
+    for name, expected in manifest.get("files", {}).items():
+        path = model_dir / name
+        if not path.is_file() or sha256(path) != expected:
+            raise RareMLError(f"{path} is missing or does not match its checksum in the manifest")
+    if set(manifest.get("files", {})) != {BOOSTER_FILE, CALIBRATOR_FILE}:
+        raise RareMLError(f"{model_dir / MANIFEST_FILE} does not list the model files")
+    booster = xgb.Booster()
+    booster.load_model(model_dir / BOOSTER_FILE)
+    calibrator = Calibrator.from_dict(json.loads((model_dir / CALIBRATOR_FILE).read_text()))
+    return Model(booster, calibrator, Schema.from_dict(manifest["schema"]), manifest)

@@ -1,0 +1,24 @@
+"""MLflow set-up shared by the tuning and serialization stages."""
+from __future__ import annotations
+
+import os
+import warnings
+
+
+def setup_mlflow(experiment: str) -> str:
+    """Point MLflow at MLFLOW_TRACKING_URI (default: the local `mlruns` folder) and select the
+    experiment. MLflow 3.17 refuses a plain folder unless MLFLOW_ALLOW_FILE_STORE is set: the
+    default must work with no set-up, so it is allowed here unless the user decided otherwise."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    warnings.filterwarnings("ignore", message=".*[Ff]ile.?[Ss]tore.*")
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "mlruns"))
+    mlflow.set_experiment(experiment)
+    return mlflow.get_tracking_uri()
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on these runs."""
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
