@@ -79,7 +79,8 @@ def to_frame(data: pd.DataFrame | Iterable[Mapping], schema: Schema) -> pd.DataF
         if f.kind == NUMERIC:
             out[f.name] = pd.to_numeric(col, errors="coerce").astype(float)
         else:
-            out[f.name] = pd.Categorical(category_strings(col), categories=list(f.categories))
+            levels = category_strings(col)
+            out[f.name] = pd.Categorical(levels.where(levels.isin(f.categories)), categories=list(f.categories))
     return pd.DataFrame(out, index=frame.index)
 
 

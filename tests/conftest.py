@@ -1,0 +1,66 @@
+"""Shared fixtures: a small slice of the shipped census data, and a model trained once per test
+session by the real stage scripts (few trials, 3 folds) for the data and model tiers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "GRADIO_ANALYTICS_ENABLED": "False",
+                   "HF_HUB_OFFLINE": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+    os.environ[key] = value
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def run_stage(script: str, *args: str, cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a stage script as a user would (own process, own working directory)."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+CENSUS_CONFIG = """
+name = "census-small"
+data = "census_small.parquet"
+target = "income_gt_50k"
+positive = 1
+drop = ["instance_weight", "migration_code_change_in_msa", "migration_code_change_in_reg",
+        "migration_code_move_within_reg", "migration_prev_res_in_sunbelt", "live_in_this_house_1_year_ago",
+        "region_of_previous_residence", "state_of_previous_residence", "full_or_part_time_employment_stat"]
+sensitive = ["sex", "race"]
+time = "year"
+categorical = ["detailed_industry_recode", "detailed_occupation_recode"]
+cv_folds = 3
+"""
+
+
+@pytest.fixture(scope="session")
+def census_small(tmp_path_factory) -> Path:
+    """A config and 6,000 rows of the shipped census data (3,000 per year, positives oversampled)."""
+    folder = tmp_path_factory.mktemp("census")
+    full = pd.read_parquet(ROOT / "data" / "census_income_kdd.parquet")
+    parts = [g.sample(n, random_state=0) for (_, label), g in full.groupby(["year", "income_gt_50k"])
+             for n in [2700 if label == 0 else 300]]
+    pd.concat(parts).sort_index().to_parquet(folder / "census_small.parquet")
+    (folder / "config.toml").write_text(CENSUS_CONFIG)
+    return folder / "config.toml"
+
+
+@pytest.fixture(scope="session")
+def trained(census_small, tmp_path_factory) -> Path:
+    """Artifacts of the three real stages on the small census slice, MLflow in ./mlruns (the default)."""
+    work = tmp_path_factory.mktemp("trained")
+    args = ["--config", str(census_small), "--artifacts", str(work / "artifacts")]
+    run_stage("01_prepare.py", *args, cwd=work)
+    run_stage("02_tune.py", *args, "--n-trials", "4", "--time-budget", "300", cwd=work)
+    run_stage("03_serialize.py", *args, "--bootstrap", "200", cwd=work)
+    return work

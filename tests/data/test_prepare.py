@@ -1,0 +1,136 @@
+"""The dataset contract: validation, the schema, and no leakage between the splits."""
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rareml.config import load_config
+from rareml.data import LABEL, infer_schema, load_table, prepare, reference_stats, split, split_warnings
+from rareml.errors import RareMLError
+
+
+def frame(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.1).astype(int)
+    return pd.DataFrame({
+        "num": rng.normal(size=n) + y, "cat": rng.choice(["a", "b", "c"], n), "code": rng.integers(1, 5, n),
+        "const": 7, "empty": np.nan, "period": np.where(np.arange(n) < n * 0.6, 2020, 2021), "y": y,
+    })
+
+
+def config(tmp_path, extra=""):
+    path = tmp_path / "c.toml"
+    path.write_text('name = "t"\ndata = "d.csv"\ntarget = "y"\npositive = 1\n' + extra)
+    return load_config(path)
+
+
+def test_constant_and_empty_columns_are_dropped_with_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        prepared = prepare(frame(), config(tmp_path))
+    assert prepared.dropped == {"const": "constant", "empty": "all values missing"}
+    assert "dropping column 'const': constant" in caplog.text
+    assert set(prepared.kinds) == {"num", "cat", "code", "period"}
+
+
+def test_types_are_inferred_and_overridden(tmp_path):
+    kinds = prepare(frame(), config(tmp_path, 'categorical = ["code"]\ndrop = ["period"]\n')).kinds
+    assert kinds == {"num": "numeric", "cat": "categorical", "code": "categorical"}
+
+
+def test_numeric_override_with_text_names_the_value(tmp_path):
+    with pytest.raises(RareMLError, match="'cat' is listed as numeric but holds"):
+        prepare(frame(), config(tmp_path, 'numeric = ["cat"]\n'))
+
+
+@pytest.mark.parametrize("change, extra, message", [
+    (lambda f: f.assign(y=np.arange(len(f)) % 3), "", "target 'y' is not binary: 3 distinct values"),
+    (lambda f: f, "", None),
+    (lambda f: f.assign(y=np.where(f.y == 1, "yes", "no")), "", "positive label 1 not found in target 'y'"),
+    (lambda f: f, 'sensitive = ["gender"]\n', "'gender' (sensitive)"),
+    (lambda f: f.drop(columns="y"), "", "'y' (target)"),
+])
+def test_bad_data_is_refused_with_the_reason(tmp_path, change, extra, message):
+    data = change(frame())
+    if message is None:
+        assert prepare(data, config(tmp_path, extra)).frame[LABEL].sum() == data.y.sum()
+        return
+    with pytest.raises(RareMLError) as err:
+        prepare(data, config(tmp_path, extra))
+    assert message in str(err.value)
+
+
+def test_string_positive_label_matches(tmp_path):
+    data = frame().assign(y=lambda f: np.where(f.y == 1, "bad", "good"))
+    prepared = prepare(data, config(tmp_path).__class__(**{**vars(config(tmp_path)), "positive": "bad"}))
+    assert prepared.frame[LABEL].tolist() == (data.y == "bad").astype(int).tolist()
+
+
+def test_stratified_split_is_disjoint_complete_and_stratified(tmp_path):
+    cfg = config(tmp_path)
+    data = prepare(frame(2000), cfg).frame
+    train, test, how = split(data, cfg)
+    assert set(train.index).isdisjoint(test.index)
+    assert sorted(train.index.append(test.index)) == sorted(data.index)
+    assert len(test) == pytest.approx(0.2 * len(data), abs=1)
+    assert test[LABEL].mean() == pytest.approx(data[LABEL].mean(), abs=0.005)
+    assert how.startswith("stratified")
+
+
+def test_time_split_tests_on_the_latest_period(tmp_path):
+    cfg = config(tmp_path, 'time = "period"\n')
+    prepared = prepare(frame(2000), cfg)
+    train, test, _ = split(prepared.frame, cfg)
+    assert set(test["period"]) == {2021} and set(train["period"]) == {2020}
+    assert "period" not in prepared.kinds
+
+
+def test_too_few_positives_for_the_folds(tmp_path):
+    data = frame(400).assign(y=lambda f: (np.arange(len(f)) < 5).astype(int))
+    cfg = config(tmp_path, "cv_folds = 5\n")
+    with pytest.raises(RareMLError, match="fewer than cv_folds = 5"):
+        split(prepare(data, cfg).frame, cfg)
+
+
+def test_schema_and_reference_come_from_training_rows_only(tmp_path):
+    cfg = config(tmp_path)
+    data = prepare(frame(2000), cfg)
+    train, test, _ = split(data.frame, cfg)
+    test = test.copy()
+    test.loc[test.index[:5], "cat"] = "only-in-test"
+    schema = infer_schema(train, data.kinds, cfg)
+    cat = next(f for f in schema.features if f.name == "cat")
+    assert "only-in-test" not in cat.categories
+    num = next(f for f in schema.features if f.name == "num")
+    assert (num.min, num.max) == (train["num"].min(), train["num"].max())
+    ref = reference_stats(train, schema)
+    assert sum(ref["num"]["shares"]) + ref["num"]["missing"] == pytest.approx(1)
+    assert sum(ref["cat"]["shares"].values()) + ref["cat"]["other"] + ref["cat"]["missing"] == pytest.approx(1)
+
+
+def test_high_cardinality_levels_are_capped(tmp_path):
+    cfg = config(tmp_path, "max_categories = 3\n")
+    data = frame(1000).assign(cat=lambda f: [f"id{i % 50}" for i in range(len(f))])
+    prepared = prepare(data, cfg)
+    train, _, _ = split(prepared.frame, cfg)
+    cat = next(f for f in infer_schema(train, prepared.kinds, cfg).features if f.name == "cat")
+    assert len(cat.categories) == 3
+
+
+def test_split_warnings_flag_columns_coded_differently_per_period():
+    train = pd.DataFrame({"a": ["x", "y"] * 5, "b": ["x"] * 10, "c": [1.0] * 10})
+    test = pd.DataFrame({"a": ["x", "y"] * 5, "b": ["x", "z"] * 5, "c": [np.nan] * 10})
+    found = split_warnings(train, test, {"a": "categorical", "b": "categorical", "c": "numeric"})
+    assert len(found) == 2 and "'b' has 1 value" in found[0] and "'c' is missing in 0%" in found[1]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("d.txt", b"a,b\n1,2\n", "unsupported format"),
+    ("d.parquet", b"not parquet", "cannot read it as .parquet"),
+    ("d.csv", b"", "cannot read it as .csv"),
+    ("d.csv", b"a,b\n", "no rows"),
+])
+def test_unreadable_files(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(RareMLError, match=message):
+        load_table(tmp_path / name)
