@@ -1,0 +1,130 @@
+"""Behaviour of a model trained by the real stages on a slice of the census data."""
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from rareml import metrics
+from rareml.errors import RareMLError
+from rareml.features import to_frame
+from rareml.model import dmatrix, load_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_dir(trained) -> Path:
+    return trained / "artifacts" / "model"
+
+
+@pytest.fixture(scope="module")
+def test_split(trained) -> pd.DataFrame:
+    return pd.read_parquet(trained / "artifacts" / "test.parquet")
+
+
+@pytest.fixture(scope="module")
+def client(trained):
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    mlflow.set_tracking_uri(str(trained / "mlruns"))
+    return mlflow.MlflowClient()
+
+
+def test_model_folder_holds_no_pickle(model_dir):
+    assert sorted(p.name for p in model_dir.iterdir()) == ["calibrator.json", "manifest.json", "model.ubj"]
+    assert (model_dir / "model.ubj").read_bytes()[:1] == b"{"  # UBJSON object, XGBoost's own format
+    json.loads((model_dir / "calibrator.json").read_text())
+
+
+def test_manifest_carries_what_serving_and_monitoring_need(model_dir):
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    for key in ("average_precision", "roc_auc", "brier"):
+        low, high = manifest["metrics"]["test_ci"][key]
+        assert low <= manifest["metrics"]["test"][key] <= high
+    assert 0 < manifest["threshold"]["threshold"] < 1 and manifest["threshold"]["metric"] == "f1"
+    assert {f["name"] for f in manifest["schema"]["features"]} == set(manifest["reference"]) - {"__score__"}
+    assert set(manifest["metrics"]["fairness"]) == {"sex", "race"}
+    assert manifest["data"]["fingerprint"]["data_file_sha256"]
+    assert manifest["versions"]["xgboost"] and set(manifest["files"]) == {"model.ubj", "calibrator.json"}
+
+
+def test_round_trip_reproduces_the_reported_test_metrics(model_dir, test_split):
+    model = load_model(model_dir)
+    p = model.predict_proba(test_split)
+    y = test_split["_label"].to_numpy()
+    manifest = model.manifest["metrics"]["test"]
+    assert metrics.average_precision(y, p) == manifest["average_precision"]
+    assert metrics.brier(y, p) == manifest["brier"]
+    records = test_split.head(20).to_dict(orient="records")
+    assert np.array_equal(model.predict_proba(records), p[:20])  # records (API) and frames (batch) agree
+
+
+def test_minimum_quality_well_above_no_skill(model_dir):
+    m = load_model(model_dir).manifest["metrics"]
+    assert m["test"]["average_precision"] > 3 * m["no_skill"]["average_precision"]
+    assert m["test"]["roc_auc"] > 0.85
+    assert m["test"]["brier"] < m["no_skill"]["brier"]
+
+
+def test_invariance_to_extra_fields_and_robust_to_unseen_levels(model_dir, test_split):
+    model = load_model(model_dir)
+    records = test_split.head(50).to_dict(orient="records")
+    base = model.predict_proba(records)
+    assert np.array_equal(model.predict_proba([r | {"unexpected": "x"} for r in records]), base)
+    odd = model.predict_proba([r | {"education": "a level never seen"} for r in records])
+    assert np.isfinite(odd).all()
+
+
+def test_contributions_add_up_to_the_raw_score(model_dir, test_split):
+    model = load_model(model_dir)
+    contribs = model.contributions(test_split.head(30))
+    raw = model.booster.predict(dmatrix(to_frame(test_split.head(30), model.schema)))
+    assert np.allclose(1 / (1 + np.exp(-contribs.sum(axis=1))), raw, atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["model.ubj", "calibrator.json", "manifest.json"])
+def test_tampered_or_missing_files_refuse_to_load(model_dir, tmp_path, damage):
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for f in model_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    (copy / damage).write_bytes((copy / damage).read_bytes()[:-10] + b"tampered!!")
+    with pytest.raises(RareMLError):
+        load_model(copy)
+    (copy / damage).unlink()
+    with pytest.raises(RareMLError):
+        load_model(copy)
+
+
+def test_mlflow_has_a_parent_run_and_one_child_run_per_trial(trained, client):
+    tuned = json.loads((trained / "artifacts" / "tuned.json").read_text())
+    parent_id = tuned["mlflow"]["parent_run_id"]
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(children) == sum(tuned["trials"].values()) == 4
+    for child in children:
+        assert child.data.tags["state"] in ("COMPLETE", "PRUNED")
+        assert "learning_rate" in child.data.params and "duration_s" in child.data.metrics
+    complete = [c for c in children if c.data.tags["state"] == "COMPLETE"]
+    assert complete and all("cv_average_precision_mean" in c.data.metrics for c in complete)
+    assert parent.data.metrics["best_cv_average_precision"] == max(
+        c.data.metrics["cv_average_precision_mean"] for c in complete)
+    assert "test_average_precision_ci_low" in parent.data.metrics
+    artifacts = {a.path for folder in ("tuning", "reports", "config") for a in client.list_artifacts(parent_id, folder)}
+    for name in ("tuning/optuna_history.png", "tuning/optuna_param_importances.png", "reports/pr_roc.png",
+                 "reports/reliability.png", "reports/threshold.png", "reports/confusion_matrix.png",
+                 "reports/shap_beeswarm.png", "reports/shap_importance.png", "config/config.toml"):
+        assert name in artifacts, name
+
+
+def test_registry_champion_serves_the_same_probabilities(trained, client, model_dir, test_split):
+    version = client.get_model_version_by_alias("census-small", "champion")
+    serialized = json.loads((trained / "artifacts" / "serialized.json").read_text())
+    assert str(version.version) == str(serialized["mlflow"]["version"])
+    pyfunc = mlflow.pyfunc.load_model("models:/census-small@champion")
+    out = pyfunc.predict(test_split.head(25))
+    expected = load_model(model_dir).predict_proba(test_split.head(25))
+    assert np.allclose(out["probability"].to_numpy(), expected)
