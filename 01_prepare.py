@@ -9,7 +9,7 @@ import logging
 
 from rareml.artifacts import Layout, write_json
 from rareml.config import load_config
-from rareml.data import (LABEL, file_sha256, frame_fingerprint, infer_schema, load_table, prepare, reference_stats,
+from rareml.data import (LABEL, file_sha256, frame_fingerprint, infer_schema, load_tables, prepare, reference_stats,
                          split, split_warnings)
 from rareml.errors import run, stage_parser
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__.splitlines()[0]).parse_args(argv)
     config = load_config(args.config)
     layout = Layout(args.artifacts)
-    raw = load_table(config.data)
+    raw = load_tables(config)
     raw.index.name = "_row"
     prepared = prepare(raw, config)
     train, test, how = split(prepared.frame, config)

@@ -20,7 +20,7 @@ from rareml import metrics, plots
 from rareml.artifacts import Layout, read_json, write_json
 from rareml.calibration import select_calibrator
 from rareml.config import Config, load_config
-from rareml.data import LABEL
+from rareml.data import LABEL, numeric_reference
 from rareml.errors import RareMLError, require, run, stage_parser
 from rareml.features import Schema, to_frame
 from rareml.model import dmatrix, load_model, raw_scores, save_model, train_booster
@@ -28,13 +28,6 @@ from rareml.tracking import setup_mlflow, ui_command
 
 log = logging.getLogger("03_serialize")
 SHAP_SAMPLE = 2000
-
-
-def score_reference(p: np.ndarray, bins: int = 10) -> dict:
-    """Distribution of calibrated scores (out-of-fold): the baseline for prediction drift."""
-    edges = np.unique(np.quantile(p, np.linspace(0, 1, bins + 1)[1:-1]))
-    counts = np.bincount(np.searchsorted(edges, p, side="left"), minlength=len(edges) + 1)
-    return {"kind": "numeric", "edges": edges.tolist(), "shares": (counts / len(p)).tolist(), "missing": 0.0}
 
 
 def explain(booster: xgb.Booster, X: pd.DataFrame, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
@@ -133,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         "calibration": {"method": calibrator.method, "cv": calibration_cv, "test_ece": metrics.ece(y_test, p_test)},
         "importance": dict(sorted(importance.items(), key=lambda kv: -kv[1])),
         "params": tuned["params"] | {"n_estimators": tuned["n_estimators"]},
-        "schema": schema.to_dict(), "reference": prepared["reference"] | {"__score__": score_reference(p_oof)},
+        "schema": schema.to_dict(), "reference": prepared["reference"] | {"__score__": numeric_reference(p_oof)},
         "data": {"fingerprint": prepared["fingerprint"], "split": prepared["split"], "rows": prepared["rows"]},
         "versions": {"python": platform.python_version(), "xgboost": xgb.__version__,
                      "scikit-learn": sklearn.__version__, "pandas": pd.__version__},

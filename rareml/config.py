@@ -34,6 +34,7 @@ class Config:
     drop: tuple[str, ...] = ()
     sensitive: tuple[str, ...] = ()
     time: str | None = None
+    test_data: Path | None = None
     categorical: tuple[str, ...] = ()
     numeric: tuple[str, ...] = ()
     test_size: float = 0.2
@@ -55,7 +56,7 @@ class Config:
 
 _TYPES = {
     "name": str, "data": str, "target": str, "positive": (int, str, bool), "drop": list,
-    "sensitive": list, "time": str, "categorical": list, "numeric": list, "test_size": float,
+    "sensitive": list, "time": str, "test_data": str, "categorical": list, "numeric": list, "test_size": float,
     "cv_folds": int, "seed": int, "max_categories": int, "threshold": dict,
 }
 _THRESHOLD_TYPES = {"metric": str, "beta": float, "min_precision": float, "min_recall": float,
@@ -110,6 +111,7 @@ def load_config(path: str | Path) -> Config:
     config = Config(
         name=table["name"], data=(path.parent / table["data"]).resolve(), target=table["target"],
         positive=table["positive"], path=path, time=table.get("time"), **lists,
+        test_data=(path.parent / table["test_data"]).resolve() if "test_data" in table else None,
         test_size=float(table.get("test_size", 0.2)), cv_folds=table.get("cv_folds", 5),
         seed=table.get("seed", 42), max_categories=table.get("max_categories", 200),
         threshold=_threshold_policy(table.get("threshold", {}), path.name),

@@ -16,6 +16,7 @@ from rareml.features import CATEGORICAL, NUMERIC, Feature, Schema, category_stri
 
 log = logging.getLogger(__name__)
 LABEL = "_label"  # the target as 0/1 in the prepared splits
+TEST_FLAG = "_is_test"  # marks the rows of a separate test file (config `test_data`)
 
 
 @dataclass
@@ -59,6 +60,19 @@ def load_table(path: Path) -> pd.DataFrame:
     if frame.empty:
         raise RareMLError(f"{path.name}: no rows")
     return frame
+
+
+def load_tables(config: Config) -> pd.DataFrame:
+    """The data file, with the rows of the separate test file (if any) appended and flagged."""
+    frame = load_table(config.data)
+    if config.test_data is None:
+        return frame
+    test = load_table(config.test_data)
+    if list(test.columns) != list(frame.columns):
+        differ = sorted(set(test.columns) ^ set(frame.columns)) or ["(column order)"]
+        raise RareMLError(f"{config.test_data.name} and {config.data.name} have different columns: "
+                          + ", ".join(differ[:10]))
+    return pd.concat([frame.assign(**{TEST_FLAG: False}), test.assign(**{TEST_FLAG: True})], ignore_index=True)
 
 
 def _label(frame: pd.DataFrame, config: Config) -> pd.Series:
@@ -106,7 +120,7 @@ def prepare(frame: pd.DataFrame, config: Config) -> Prepared:
     dropped = {c: "config drop" for c in config.drop}
     kinds = {}
     for col in frame.columns:
-        if col in (config.target, LABEL, config.time) or col in dropped:
+        if col in (config.target, LABEL, TEST_FLAG, config.time) or col in dropped:
             continue
         if frame[col].isna().all():
             dropped[col] = "all values missing"
@@ -122,13 +136,18 @@ def prepare(frame: pd.DataFrame, config: Config) -> Prepared:
     if not kinds:
         raise RareMLError("no usable feature columns left after dropping")
     keep = list(kinds) + [c for c in config.sensitive if c not in kinds] + [config.target, LABEL]
-    keep += [config.time] if config.time else []
+    keep += [c for c in (config.time, TEST_FLAG) if c and c in frame]
     return Prepared(frame=frame[list(dict.fromkeys(keep))], kinds=kinds, dropped=dropped)
 
 
 def split(frame: pd.DataFrame, config: Config) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """Hold out the test set: the latest period when `time` is set, else a stratified share."""
-    if config.time:
+    """Hold out the test set: the rows of `test_data` if given, else the latest period when `time`
+    is set, else a stratified share."""
+    if TEST_FLAG in frame:
+        is_test = frame[TEST_FLAG].to_numpy(dtype=bool)
+        train, test = frame.loc[~is_test].drop(columns=TEST_FLAG), frame.loc[is_test].drop(columns=TEST_FLAG)
+        how = f"separate test file: {config.test_data.name}"
+    elif config.time:
         periods = frame[config.time].dropna().unique()
         if len(periods) < 2:
             raise RareMLError(f"time column '{config.time}' has fewer than two periods: cannot split by time")
@@ -169,6 +188,15 @@ def infer_schema(train: pd.DataFrame, kinds: dict[str, str], config: Config) -> 
                   sensitive=config.sensitive)
 
 
+def numeric_reference(values: np.ndarray, bins: int = 10) -> dict:
+    """Shares of values in quantile bins (edges from these values; a bin is (e[i-1], e[i]]) and missing."""
+    finite = values[~np.isnan(values)]
+    edges = np.unique(np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1]))
+    counts = np.bincount(np.searchsorted(edges, finite, side="left"), minlength=len(edges) + 1)
+    return {"kind": NUMERIC, "edges": edges.tolist(), "shares": (counts / len(values)).tolist(),
+            "missing": float(1 - len(finite) / len(values))}
+
+
 def reference_stats(train: pd.DataFrame, schema: Schema, bins: int = 10) -> dict:
     """Per-feature distribution of the training data, the baseline for drift (PSI) in production."""
     ref = {}
@@ -176,11 +204,7 @@ def reference_stats(train: pd.DataFrame, schema: Schema, bins: int = 10) -> dict
         values = train[f.name]
         missing = float(values.isna().mean())
         if f.kind == NUMERIC:
-            v = values.dropna().astype(float).to_numpy()
-            edges = np.unique(np.quantile(v, np.linspace(0, 1, bins + 1)[1:-1]))
-            counts = np.bincount(np.searchsorted(edges, v, side="left"), minlength=len(edges) + 1)
-            ref[f.name] = {"kind": NUMERIC, "edges": edges.tolist(),
-                           "shares": (counts / len(values)).tolist(), "missing": missing}
+            ref[f.name] = numeric_reference(values.to_numpy(dtype=float), bins)
         else:
             shares = values.value_counts(dropna=True) / len(values)
             ref[f.name] = {"kind": CATEGORICAL, "shares": {k: float(shares.get(k, 0.0)) for k in f.categories},

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from rareml.config import load_config
-from rareml.data import LABEL, infer_schema, load_table, prepare, reference_stats, split, split_warnings
+from rareml.data import LABEL, infer_schema, load_table, load_tables, prepare, reference_stats, split, split_warnings
 from rareml.errors import RareMLError
 
 
@@ -134,3 +134,21 @@ def test_unreadable_files(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(RareMLError, match=message):
         load_table(tmp_path / name)
+
+
+def test_a_separate_test_file_is_the_test_split(tmp_path):
+    data = frame(1000)
+    data.iloc[:700].to_csv(tmp_path / "train.csv", index=False)
+    data.iloc[700:].to_csv(tmp_path / "test.csv", index=False)
+    (tmp_path / "c.toml").write_text('name = "t"\ndata = "train.csv"\ntest_data = "test.csv"\ntarget = "y"\n'
+                                     'positive = 1\n')
+    cfg = load_config(tmp_path / "c.toml")
+    prepared = prepare(load_tables(cfg), cfg)
+    assert "_is_test" not in prepared.kinds
+    train, test, how = split(prepared.frame, cfg)
+    assert (len(train), len(test)) == (700, 300) and how == "separate test file: test.csv"
+    assert np.allclose(test["num"].to_numpy(), data["num"].iloc[700:].to_numpy())
+    assert "_is_test" not in train.columns
+    data.drop(columns="cat").to_csv(tmp_path / "test.csv", index=False)
+    with pytest.raises(RareMLError, match="different columns: cat"):
+        load_tables(cfg)
