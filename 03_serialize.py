@@ -61,6 +61,7 @@ def log_to_mlflow(config: Config, tuned: dict, layout: Layout, manifest: dict) -
 
     uri = setup_mlflow(config.name)
     warnings.filterwarnings("ignore", module="mlflow")
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # "no signature": on purpose, see above
     try:
         active = mlflow.start_run(run_id=tuned["mlflow"]["parent_run_id"])
     except MlflowException:
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     registry = None if args.no_mlflow else log_to_mlflow(config, tuned, layout, manifest)
     write_json(layout.root / "serialized.json", {"model_dir": layout.model_dir, "model_version":
                manifest["model_version"], "seconds": time.monotonic() - started, "mlflow": registry})
+    print(f"\nmodel:        {layout.model_dir} (version {manifest['model_version']})\nreports:      {layout.reports}")
+    if registry:
+        print(f"MLflow runs:  {registry['tracking_uri']} (registered model {registry['registered_model']} "
+              f"v{registry['version']}, alias champion)\nMLflow UI:    .venv/bin/{registry['ui']}")
     ci = evaluation["average_precision"]
     log.info("model %s: test AP %.4f [%.4f, %.4f] (no skill %.4f), ROC-AUC %.4f, Brier %.4f, %s calibration, "
              "threshold %.4f (%s): precision %.3f, recall %.3f", manifest["model_version"], ci.value, ci.low,

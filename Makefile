@@ -26,14 +26,10 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	@touch $@
 
-all: setup ## the main job: prepare, tune, serialize; then say where everything is
+all: setup ## the main job: prepare, tune, serialize (which ends by saying where everything is)
 	$(MAKE) --no-print-directory prepare
 	$(MAKE) --no-print-directory tune
 	$(MAKE) --no-print-directory serialize
-	@$(PY) -c 'import json,sys; s=json.load(open(sys.argv[1])); m=s["mlflow"] or {}; \
-	print(f"\nmodel:          {s[\"model_dir\"]} (version {s[\"model_version\"]})\nreports:        $(ARTIFACTS)/reports/"); \
-	print(f"MLflow runs:    {m.get(\"tracking_uri\")} (registered model {m.get(\"registered_model\")} v{m.get(\"version\")}, alias champion)"); \
-	print(f"MLflow UI:      .venv/bin/{m.get(\"ui\")}")' $(ARTIFACTS)/serialized.json
 
 prepare: setup ## 01: validate the data, infer the schema, hold out the test set
 	$(PY) 01_prepare.py $(STAGE_ARGS)
