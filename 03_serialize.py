@@ -143,15 +143,15 @@ def main(argv: list[str] | None = None) -> None:
     registry = None if args.no_mlflow else log_to_mlflow(config, tuned, layout, manifest)
     write_json(layout.root / "serialized.json", {"model_dir": layout.model_dir, "model_version":
                manifest["model_version"], "seconds": time.monotonic() - started, "mlflow": registry})
-    print(f"\nmodel:        {layout.model_dir} (version {manifest['model_version']})\nreports:      {layout.reports}")
-    if registry:
-        print(f"MLflow runs:  {registry['tracking_uri']} (registered model {registry['registered_model']} "
-              f"v{registry['version']}, alias champion)\nMLflow UI:    .venv/bin/{registry['ui']}")
     ci = evaluation["average_precision"]
     log.info("model %s: test AP %.4f [%.4f, %.4f] (no skill %.4f), ROC-AUC %.4f, Brier %.4f, %s calibration, "
              "threshold %.4f (%s): precision %.3f, recall %.3f", manifest["model_version"], ci.value, ci.low,
              ci.high, np.mean(y_test), evaluation["roc_auc"].value, evaluation["brier"].value, calibrator.method,
              choice.threshold, choice.metric, evaluation["precision"].value, evaluation["recall"].value)
+    print(f"\nmodel:        {layout.model_dir} (version {manifest['model_version']})\nreports:      {layout.reports}")
+    if registry:
+        print(f"MLflow runs:  {registry['tracking_uri']} (registered model {registry['registered_model']} "
+              f"v{registry['version']}, alias champion)\nMLflow UI:    {registry['ui']}")
 
 
 if __name__ == "__main__":

@@ -404,7 +404,7 @@ def main() -> None:
                 entry = {"status": "ok", "seconds": round(seconds, 1), "notes": notes,
                          "metrics": evaluate(yte, p, args.n_boot, seed=0)}
                 print(f"AP {entry['metrics']['average_precision']['value']:.4f} in {seconds:.1f} s "
-                      f"(scored in {time.monotonic() - started - seconds:.1f} s)", flush=True)
+                      f"(+{time.monotonic() - started - seconds:.1f} s untimed: setup, scoring, intervals)", flush=True)
             except Exception as exc:  # one contender's failure must not stop the others
                 entry = {"status": "error", "seconds": round(time.monotonic() - started, 1),
                          "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}

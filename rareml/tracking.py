@@ -20,5 +20,6 @@ def setup_mlflow(experiment: str) -> str:
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on these runs."""
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    """The command that opens the MLflow UI on these runs (a plain folder needs the file-store opt-in)."""
+    opt_in = "" if "://" in uri and not uri.startswith("file:") else "MLFLOW_ALLOW_FILE_STORE=true "
+    return f"{opt_in}.venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
