@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import tomllib
@@ -220,7 +219,6 @@ def run_autogluon(s: dict) -> tuple[np.ndarray, float, dict]:
 
 
 PREDICT = """
-import sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np, pandas as pd
 from rareml.model import load_model
