@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,9 @@ from rareml.tracking import setup_mlflow
 
 log = logging.getLogger("02_tune")
 MAX_ROUNDS, EARLY_STOPPING, ES_SHARE = 2000, 50, 0.1
+# What the final stage costs besides the refit, measured on this project's benchmark machine
+# (2 cores): imports, calibration, plots, MLflow logging and registration; 1,000 bootstrap resamples.
+FINAL_FIXED_S, BOOTSTRAP_S_PER_ROW = 12.0, 6e-5
 # Known-good starting points, tried before TPE explores: XGBoost's defaults, and a slower,
 # subsampled configuration that is strong on most tabular data.
 STARTS = [
@@ -73,26 +77,38 @@ def suggest(trial: optuna.Trial, spw_max: float) -> dict:
 
 
 class Deadline(xgb.callback.TrainingCallback):
-    """Stops boosting once the time budget is spent (the trial is then pruned, not scored)."""
+    """Stops boosting once the search's time is spent (the trial is then pruned, not scored)."""
 
-    def __init__(self, at: float) -> None:
+    def __init__(self, at: Callable[[], float]) -> None:
         super().__init__()
         self.at, self.hit = at, False
 
     def after_iteration(self, model, epoch, evals_log) -> bool:
-        self.hit = self.hit or time.monotonic() > self.at
+        self.hit = self.hit or time.time() > self.at()
         return self.hit
 
 
 class Objective:
-    """Mean CV average precision of one configuration; keeps the best trial's out-of-fold scores."""
+    """Mean CV average precision of one configuration; keeps the best trial's out-of-fold scores.
 
-    def __init__(self, folds: list[Fold], y: np.ndarray, seed: int, deadline: float) -> None:
+    The budget covers the whole pipeline up to `end` (epoch seconds): the search stops early
+    enough to leave the final stage the time it will need (refit, bootstrap, reports)."""
+
+    def __init__(self, folds: list[Fold], y: np.ndarray, seed: int, end: float, test_rows: int) -> None:
         import mlflow
 
-        self.mlflow, self.folds, self.y, self.seed, self.deadline = mlflow, folds, y, seed, deadline
+        self.mlflow, self.folds, self.y, self.seed, self.end = mlflow, folds, y, seed, end
         self.spw_max = float((y == 0).sum() / max((y == 1).sum(), 1))
-        self.best_value, self.best_oof, self.best_rounds = -np.inf, None, []
+        self.best_value, self.best_oof, self.best_rounds, self.best_fit_s = -np.inf, None, [], 0.0
+        self.final_fixed_s = FINAL_FIXED_S + test_rows * BOOTSTRAP_S_PER_ROW
+
+    def reserve(self) -> float:
+        """Seconds the final stage needs: fixed costs plus a refit on all training rows."""
+        fit_rows = self.folds[0].fit.num_row()
+        return self.final_fixed_s + self.best_fit_s * len(self.y) / fit_rows
+
+    def search_deadline(self) -> float:
+        return self.end - self.reserve()
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = suggest(trial, self.spw_max)
@@ -101,7 +117,7 @@ class Objective:
             self.mlflow.log_params(params | {"trial": trial.number})
             state = "FAILED"
             try:
-                value, oof, rounds = self._cross_validate(trial, params)
+                value, oof, rounds, fit_s = self._cross_validate(trial, params)
                 state = "COMPLETE"
             except optuna.TrialPruned:
                 state = "PRUNED"
@@ -110,22 +126,26 @@ class Objective:
                 self.mlflow.set_tag("state", state)
                 self.mlflow.log_metric("duration_s", time.monotonic() - started)
         if value > self.best_value:
-            self.best_value, self.best_oof, self.best_rounds = value, oof, rounds
+            self.best_value, self.best_oof, self.best_rounds, self.best_fit_s = value, oof, rounds, fit_s
         return value
 
-    def _cross_validate(self, trial: optuna.Trial, params: dict) -> tuple[float, np.ndarray, list[int]]:
-        oof, rounds, fold_ap = np.full(len(self.y), np.nan), [], []
+    def _out_of_time(self, trial: optuna.Trial) -> None:
+        """Once one trial is complete, a trial that would eat into the final stage's time is stopped."""
+        if self.best_oof is not None and time.time() > self.search_deadline():
+            trial.study.stop()
+            raise optuna.TrialPruned("time budget spent")
+
+    def _cross_validate(self, trial: optuna.Trial, params: dict) -> tuple[float, np.ndarray, list[int], float]:
+        oof, rounds, fit_s = np.full(len(self.y), np.nan), [], []
         per_fold = {"average_precision": [], "roc_auc": [], "log_loss": [], "brier": []}
         for k, fold in enumerate(self.folds):
-            if time.monotonic() > self.deadline and trial.study.best_trials:
-                trial.study.stop()
-                raise optuna.TrialPruned("time budget spent")
-            stop = Deadline(self.deadline + 5)
-            booster = train_booster(base_params(self.seed) | params, fold.fit, MAX_ROUNDS, fold.stop,
-                                    EARLY_STOPPING, callbacks=[stop])
-            if stop.hit and trial.study.best_trials:
-                trial.study.stop()
-                raise optuna.TrialPruned("time budget spent")
+            self._out_of_time(trial)
+            stop = Deadline(self.search_deadline)
+            started = time.monotonic()
+            booster = train_booster(base_params(self.seed) | params, fold.fit, MAX_ROUNDS, fold.stop, EARLY_STOPPING,
+                                    callbacks=[stop] if self.best_oof is not None else None)
+            fit_s.append(time.monotonic() - started)
+            self._out_of_time(trial)
             p, y = raw_scores(booster, fold.valid), self.y[fold.valid_idx]
             oof[fold.valid_idx] = p
             rounds.append(booster.best_iteration + 1)
@@ -139,7 +159,7 @@ class Objective:
             self.mlflow.log_metrics({f"cv_{name}_mean": float(np.mean(values)), f"cv_{name}_std": float(np.std(values))})
         self.mlflow.log_metric("n_estimators", float(np.mean(rounds)))
         trial.set_user_attr("cv", {n: float(np.mean(v)) for n, v in per_fold.items()})
-        return float(np.mean(per_fold["average_precision"])), oof, rounds
+        return float(np.mean(per_fold["average_precision"])), oof, rounds, float(np.mean(fit_s))
 
 
 def study_plots(study: optuna.Study) -> dict:
@@ -165,7 +185,10 @@ def study_plots(study: optuna.Study) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
-    parser.add_argument("--time-budget", type=float, default=300, help="seconds for the search (default 300)")
+    parser.add_argument("--time-budget", type=float, default=600,
+                        help="seconds for the pipeline from --started-at to a serialized model (default 600)")
+    parser.add_argument("--started-at", type=float, default=None,
+                        help="epoch seconds the budget counts from (make all: before prepare; default: now)")
     parser.add_argument("--n-trials", type=int, default=None, help="stop after this many trials (default: budget)")
     args = parser.parse_args(argv)
     config, layout = load_config(args.config), Layout(args.artifacts)
@@ -173,9 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     schema = Schema.from_dict(prepared["schema"])
     train = pd.read_parquet(require(layout.train, "prepare"))
     X, y = to_frame(train, schema), train[LABEL].to_numpy()
-    started = time.monotonic()
+    started, end = time.monotonic(), (args.started_at or time.time()) + args.time_budget
     folds = make_folds(X, y, config.cv_folds, config.seed)
-    objective = Objective(folds, y, config.seed, deadline=started + args.time_budget)
+    objective = Objective(folds, y, config.seed, end, test_rows=prepared["rows"]["test"])
     sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=8)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner,
@@ -191,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                            "train_rows": len(train), "train_positives": int(y.sum())})
         mlflow.set_tags({"stage": "tune", **{f"fingerprint.{k}": v for k, v in prepared["fingerprint"].items()}})
         mlflow.log_artifact(str(config.path), "config")
-        study.optimize(objective, n_trials=args.n_trials, timeout=args.time_budget, catch=(),
+        study.optimize(objective, n_trials=args.n_trials, catch=(),
                        show_progress_bar=sys.stderr.isatty())
         if objective.best_oof is None:
             raise RareMLError("no trial completed within the time budget: raise BUDGET (--time-budget)")
@@ -212,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         "n_estimators": int(round(np.mean(objective.best_rounds))),
         "fold_rounds": objective.best_rounds,
         "cv": best.user_attrs["cv"], "best_trial": best.number, "trials": states,
+        "budget": {"seconds": args.time_budget, "ends_at": end, "reserved_for_final_stage_s": objective.reserve()},
         "mlflow": {"tracking_uri": uri, "experiment": config.name, "parent_run_id": parent.info.run_id},
     })
     log.info("best trial %d: CV average precision %.4f (%s) in %.0f s", best.number, best.value,

@@ -149,6 +149,11 @@ def main(argv: list[str] | None = None) -> None:
              ci.high, np.mean(y_test), evaluation["roc_auc"].value, evaluation["brier"].value, calibrator.method,
              choice.threshold, choice.metric, evaluation["precision"].value, evaluation["recall"].value)
     print(f"\nmodel:        {layout.model_dir} (version {manifest['model_version']})\nreports:      {layout.reports}")
+    budget = tuned.get("budget")
+    if budget:
+        late = time.time() - budget["ends_at"]
+        print(f"time budget:  {budget['seconds']:.0f} s, {'exceeded by' if late > 0 else 'finished'} "
+              f"{abs(late):.0f} s {'' if late > 0 else 'early'}".rstrip())
     if registry:
         print(f"MLflow runs:  {registry['tracking_uri']} (registered model {registry['registered_model']} "
               f"v{registry['version']}, alias champion)\nMLflow UI:    {registry['ui']}")
