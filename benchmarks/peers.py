@@ -345,7 +345,7 @@ def write_report(result: dict, out: Path) -> list[str]:
              f"positive), test {s['test_rows']} rows ({s['test_positives']} positive). "
              f"No-skill test AP {result['no_skill_average_precision']:.4f}.", "",
              f"The budget is FLAML's `time_budget`, AutoGluon's `time_limit` (medium_quality) and rareml's "
-             f"tuning BUDGET; logistic regression, XGBoost and LightGBM run with defaults. Wall time = fit + "
+             f"BUDGET for `make all` as a whole (prepare to registered model); logistic regression, XGBoost and LightGBM run with defaults. Wall time = fit + "
              f"predict (rareml: `make all`, its three stages). Intervals: {result['n_boot']} bootstrap "
              f"resamples of the test rows, the same for every contender.", ""]
     lines += table(result)
