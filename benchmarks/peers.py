@@ -219,6 +219,7 @@ def run_autogluon(s: dict) -> tuple[np.ndarray, float, dict]:
 
 
 PREDICT = """
+import sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np, pandas as pd
 from rareml.model import load_model
@@ -414,6 +415,10 @@ def main() -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     out = ROOT / "benchmarks" / "results" / f"peers-{args.dataset}-B{args.budget:g}"
+    if out.with_suffix(".json").exists():  # a partial re-run (--only) keeps the other contenders' rows
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        if earlier["split"] == result["split"] and earlier["n_boot"] == result["n_boot"]:
+            result["contenders"] = {**earlier["contenders"], **result["contenders"]}
     lines = write_report(result, out)
     print("\n" + "\n".join(lines))
     print(f"\nwritten: {out.with_suffix('.json')} and .md")
