@@ -17,7 +17,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import xgboost as xgb
-from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
 
 from rareml import metrics
 from rareml.artifacts import Layout, read_json, write_json
@@ -51,10 +51,11 @@ class Fold:
     valid_idx: np.ndarray
 
 
-def make_folds(X: pd.DataFrame, y: np.ndarray, k: int, seed: int) -> list[Fold]:
+def make_folds(X: pd.DataFrame, y: np.ndarray, k: int, repeats: int, seed: int) -> list[Fold]:
     """Built once and reused by every trial (same folds for all: fair comparison and pruning)."""
     folds = []
-    for train_idx, valid_idx in StratifiedKFold(k, shuffle=True, random_state=seed).split(X, y):
+    splitter = RepeatedStratifiedKFold(n_splits=k, n_repeats=repeats, random_state=seed)
+    for train_idx, valid_idx in splitter.split(X, y):
         fit_idx, stop_idx = train_test_split(train_idx, test_size=ES_SHARE, stratify=y[train_idx],
                                              random_state=seed)
         folds.append(Fold(dmatrix(X.iloc[fit_idx], y[fit_idx]), dmatrix(X.iloc[stop_idx], y[stop_idx]),
@@ -65,7 +66,7 @@ def make_folds(X: pd.DataFrame, y: np.ndarray, k: int, seed: int) -> list[Fold]:
 def suggest(trial: optuna.Trial, spw_max: float) -> dict:
     """The search space; scale_pos_weight runs from 1 (none) to the negative/positive ratio."""
     return {
-        "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.3, log=True),
+        "learning_rate": trial.suggest_float("learning_rate", 0.02, 0.3, log=True),
         "max_depth": trial.suggest_int("max_depth", 2, 10),
         "min_child_weight": trial.suggest_float("min_child_weight", 0.1, 100.0, log=True),
         "subsample": trial.suggest_float("subsample", 0.5, 1.0),
@@ -136,7 +137,7 @@ class Objective:
             raise optuna.TrialPruned("time budget spent")
 
     def _cross_validate(self, trial: optuna.Trial, params: dict) -> tuple[float, np.ndarray, list[int], float]:
-        oof, rounds, fit_s = np.full(len(self.y), np.nan), [], []
+        oof_sum, oof_n, rounds, fit_s = np.zeros(len(self.y)), np.zeros(len(self.y)), [], []
         per_fold = {"average_precision": [], "roc_auc": [], "log_loss": [], "brier": []}
         for k, fold in enumerate(self.folds):
             self._out_of_time(trial)
@@ -147,7 +148,8 @@ class Objective:
             fit_s.append(time.monotonic() - started)
             self._out_of_time(trial)
             p, y = raw_scores(booster, fold.valid), self.y[fold.valid_idx]
-            oof[fold.valid_idx] = p
+            oof_sum[fold.valid_idx] += p
+            oof_n[fold.valid_idx] += 1
             rounds.append(booster.best_iteration + 1)
             for name in per_fold:
                 per_fold[name].append(getattr(metrics, name)(y, p))
@@ -159,6 +161,7 @@ class Objective:
             self.mlflow.log_metrics({f"cv_{name}_mean": float(np.mean(values)), f"cv_{name}_std": float(np.std(values))})
         self.mlflow.log_metric("n_estimators", float(np.mean(rounds)))
         trial.set_user_attr("cv", {n: float(np.mean(v)) for n, v in per_fold.items()})
+        oof = oof_sum / oof_n  # each row's out-of-fold score, averaged over the repeats
         return float(np.mean(per_fold["average_precision"])), oof, rounds, float(np.mean(fit_s))
 
 
@@ -197,10 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     train = pd.read_parquet(require(layout.train, "prepare"))
     X, y = to_frame(train, schema), train[LABEL].to_numpy()
     started, end = time.monotonic(), (args.started_at or time.time()) + args.time_budget
-    folds = make_folds(X, y, config.cv_folds, config.seed)
+    k, repeats = config.folds_for(len(train)), config.repeats_for(len(train))
+    folds = make_folds(X, y, k, repeats, config.seed)
     objective = Objective(folds, y, config.seed, end, test_rows=prepared["rows"]["test"])
     sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=8)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+    # after 4 complete trials, a trial whose running mean falls below the median at a fold stops there
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner,
                                 study_name=f"{config.name}-xgboost")
     for start in STARTS:
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     import mlflow
 
     with mlflow.start_run(run_name="tune") as parent:
-        mlflow.log_params({"config": config.path.name, "cv_folds": config.cv_folds, "seed": config.seed,
+        mlflow.log_params({"config": config.path.name, "cv_folds": k, "cv_repeats": repeats, "seed": config.seed,
                            "time_budget_s": args.time_budget, "n_trials_max": args.n_trials,
                            "train_rows": len(train), "train_positives": int(y.sum())})
         mlflow.set_tags({"stage": "tune", **{f"fingerprint.{k}": v for k, v in prepared["fingerprint"].items()}})

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rareml.errors import RareMLError
 
+LARGE_ROWS, SMALL_ROWS = 50_000, 20_000
 THRESHOLD_METRICS = ("f1", "fbeta", "mcc", "min_precision", "min_recall", "cost")
 
 
@@ -38,10 +39,21 @@ class Config:
     categorical: tuple[str, ...] = ()
     numeric: tuple[str, ...] = ()
     test_size: float = 0.2
-    cv_folds: int = 5
+    cv_folds: int | None = None  # None: 5, or 3 above LARGE_ROWS training rows
+    cv_repeats: int | None = None  # None: 3 up to SMALL_ROWS training rows, else 1
     seed: int = 42
     max_categories: int = 200
     threshold: ThresholdPolicy = field(default_factory=ThresholdPolicy)
+
+    def folds_for(self, train_rows: int) -> int:
+        """Stratified CV folds for tuning: as configured, else 5 (3 for large data, where each fold
+        already holds thousands of positives and two fewer fits per trial buy more trials)."""
+        return self.cv_folds or (3 if train_rows > LARGE_ROWS else 5)
+
+    def repeats_for(self, train_rows: int) -> int:
+        """How many times the K-fold CV is repeated with other shuffles: as configured, else 3 for
+        small data, where one CV estimate is noisy enough for the search to chase noise, else 1."""
+        return self.cv_repeats or (3 if train_rows <= SMALL_ROWS else 1)
 
     def columns_named(self) -> dict[str, str]:
         """Every column the config names, with the key that names it."""
@@ -57,7 +69,7 @@ class Config:
 _TYPES = {
     "name": str, "data": str, "target": str, "positive": (int, str, bool), "drop": list,
     "sensitive": list, "time": str, "test_data": str, "categorical": list, "numeric": list, "test_size": float,
-    "cv_folds": int, "seed": int, "max_categories": int, "threshold": dict,
+    "cv_folds": int, "cv_repeats": int, "seed": int, "max_categories": int, "threshold": dict,
 }
 _THRESHOLD_TYPES = {"metric": str, "beta": float, "min_precision": float, "min_recall": float,
                     "cost_fp": float, "cost_fn": float}
@@ -112,14 +124,16 @@ def load_config(path: str | Path) -> Config:
         name=table["name"], data=(path.parent / table["data"]).resolve(), target=table["target"],
         positive=table["positive"], path=path, time=table.get("time"), **lists,
         test_data=(path.parent / table["test_data"]).resolve() if "test_data" in table else None,
-        test_size=float(table.get("test_size", 0.2)), cv_folds=table.get("cv_folds", 5),
+        test_size=float(table.get("test_size", 0.2)), cv_folds=table.get("cv_folds"), cv_repeats=table.get("cv_repeats"),
         seed=table.get("seed", 42), max_categories=table.get("max_categories", 200),
         threshold=_threshold_policy(table.get("threshold", {}), path.name),
     )
     if not 0 < config.test_size < 1:
         raise RareMLError(f"{path.name}: test_size must be between 0 and 1")
-    if not 2 <= config.cv_folds <= 20:
+    if config.cv_folds is not None and not 2 <= config.cv_folds <= 20:
         raise RareMLError(f"{path.name}: cv_folds must be between 2 and 20")
+    if config.cv_repeats is not None and not 1 <= config.cv_repeats <= 10:
+        raise RareMLError(f"{path.name}: cv_repeats must be between 1 and 10")
     if config.target in config.drop or config.target == config.time:
         raise RareMLError(f"{path.name}: the target '{config.target}' cannot also be dropped or the time column")
     return config

@@ -158,10 +158,10 @@ def split(frame: pd.DataFrame, config: Config) -> tuple[pd.DataFrame, pd.DataFra
         train, test = train_test_split(frame, test_size=config.test_size, stratify=frame[LABEL],
                                        random_state=config.seed)
         how = f"stratified random: test = {config.test_size:.0%}"
-    n_pos = int(train[LABEL].sum())
-    if n_pos < config.cv_folds:
-        raise RareMLError(f"only {n_pos} positive(s) in the training split, fewer than cv_folds = {config.cv_folds}")
-    if test[LABEL].sum() == 0 or (train[LABEL] == 0).sum() < config.cv_folds:
+    n_pos, folds = int(train[LABEL].sum()), config.folds_for(len(train))
+    if n_pos < folds:
+        raise RareMLError(f"only {n_pos} positive(s) in the training split, fewer than cv_folds = {folds}")
+    if test[LABEL].sum() == 0 or (train[LABEL] == 0).sum() < folds:
         raise RareMLError("the split leaves no positives in the test set or too few negatives to train")
     return train, test, how
 

@@ -40,6 +40,7 @@ sensitive = ["sex", "race"]
 time = "year"
 categorical = ["detailed_industry_recode", "detailed_occupation_recode"]
 cv_folds = 3
+cv_repeats = 1
 """
 
 

@@ -25,7 +25,9 @@ def test_shipped_configs_load():
 def test_defaults_and_relative_data_path(tmp_path):
     config = load_config(write(tmp_path, BASE))
     assert config.data == (tmp_path / "d.csv").resolve()
-    assert (config.test_size, config.cv_folds, config.threshold.metric, config.time) == (0.2, 5, "f1", None)
+    assert (config.test_size, config.threshold.metric, config.time) == (0.2, "f1", None)
+    assert (config.folds_for(4_000), config.folds_for(200_000)) == (5, 3)
+    assert load_config(write(tmp_path, BASE + "cv_folds = 4\n")).folds_for(200_000) == 4
 
 
 def test_threshold_table_is_read(tmp_path):
