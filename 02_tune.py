@@ -25,29 +25,31 @@ from rareml.config import load_config
 from rareml.data import LABEL
 from rareml.errors import RareMLError, require, run, stage_parser
 from rareml.features import Schema, to_frame
-from rareml.model import base_params, dmatrix, raw_scores, train_booster
+from rareml.model import ENCODINGS, base_params, dmatrix, raw_scores, train_booster
 from rareml.tracking import setup_mlflow
 
 log = logging.getLogger("02_tune")
-MAX_ROUNDS, EARLY_STOPPING, ES_SHARE = 2000, 50, 0.1
+MAX_ROUNDS, EARLY_STOPPING, ES_SHARE = 2000, 100, 0.1
 # What the final stage costs besides the refit, measured on this project's benchmark machine
 # (2 cores): imports, calibration, plots, MLflow logging and registration; 1,000 bootstrap resamples.
 FINAL_FIXED_S, BOOTSTRAP_S_PER_ROW = 12.0, 6e-5
 # Known-good starting points, tried before TPE explores: XGBoost's defaults, and a slower,
-# subsampled configuration that is strong on most tabular data.
+# subsampled configuration that is strong on most tabular data, with each categorical encoding.
+SLOW = {"learning_rate": 0.05, "max_depth": 6, "min_child_weight": 1.0, "subsample": 0.8, "colsample_bytree": 0.8,
+        "reg_lambda": 1.0, "reg_alpha": 0.001, "scale_pos_weight": 1.0}
 STARTS = [
     {"learning_rate": 0.3, "max_depth": 6, "min_child_weight": 1.0, "subsample": 1.0, "colsample_bytree": 1.0,
-     "reg_lambda": 1.0, "reg_alpha": 0.001, "scale_pos_weight": 1.0},
-    {"learning_rate": 0.05, "max_depth": 6, "min_child_weight": 1.0, "subsample": 0.8, "colsample_bytree": 0.8,
-     "reg_lambda": 1.0, "reg_alpha": 0.001, "scale_pos_weight": 1.0},
+     "reg_lambda": 1.0, "reg_alpha": 0.001, "scale_pos_weight": 1.0, "encoding": "native"},
+    SLOW | {"encoding": "ordinal"},
+    SLOW | {"encoding": "native"},
 ]
 
 
 @dataclass
 class Fold:
-    fit: xgb.DMatrix  # training part of the fold, less the early-stopping slice
-    stop: xgb.DMatrix  # early-stopping slice
-    valid: xgb.DMatrix
+    fit: dict[str, xgb.DMatrix]  # by categorical encoding: training part of the fold, less...
+    stop: dict[str, xgb.DMatrix]  # ...the early-stopping slice
+    valid: dict[str, xgb.DMatrix]
     valid_idx: np.ndarray
 
 
@@ -58,13 +60,14 @@ def make_folds(X: pd.DataFrame, y: np.ndarray, k: int, repeats: int, seed: int) 
     for train_idx, valid_idx in splitter.split(X, y):
         fit_idx, stop_idx = train_test_split(train_idx, test_size=ES_SHARE, stratify=y[train_idx],
                                              random_state=seed)
-        folds.append(Fold(dmatrix(X.iloc[fit_idx], y[fit_idx]), dmatrix(X.iloc[stop_idx], y[stop_idx]),
-                          dmatrix(X.iloc[valid_idx], y[valid_idx]), valid_idx))
+        parts = [{e: dmatrix(X.iloc[idx], y[idx], e) for e in ENCODINGS} for idx in (fit_idx, stop_idx, valid_idx)]
+        folds.append(Fold(*parts, valid_idx))
     return folds
 
 
-def suggest(trial: optuna.Trial, spw_max: float) -> dict:
-    """The search space; scale_pos_weight runs from 1 (none) to the negative/positive ratio."""
+def suggest(trial: optuna.Trial, spw_max: float) -> tuple[dict, str]:
+    """The search space (XGBoost parameters, categorical encoding); scale_pos_weight runs from 1
+    (none) to the negative/positive ratio."""
     return {
         "learning_rate": trial.suggest_float("learning_rate", 0.02, 0.3, log=True),
         "max_depth": trial.suggest_int("max_depth", 2, 10),
@@ -74,7 +77,7 @@ def suggest(trial: optuna.Trial, spw_max: float) -> dict:
         "reg_lambda": trial.suggest_float("reg_lambda", 1e-3, 100.0, log=True),
         "reg_alpha": trial.suggest_float("reg_alpha", 1e-3, 10.0, log=True),
         "scale_pos_weight": trial.suggest_float("scale_pos_weight", 1.0, max(spw_max, 1.0 + 1e-9), log=True),
-    }
+    }, trial.suggest_categorical("encoding", ENCODINGS)
 
 
 class Deadline(xgb.callback.TrainingCallback):
@@ -105,20 +108,20 @@ class Objective:
 
     def reserve(self) -> float:
         """Seconds the final stage needs: fixed costs plus a refit on all training rows."""
-        fit_rows = self.folds[0].fit.num_row()
+        fit_rows = self.folds[0].fit["native"].num_row()
         return self.final_fixed_s + self.best_fit_s * len(self.y) / fit_rows
 
     def search_deadline(self) -> float:
         return self.end - self.reserve()
 
     def __call__(self, trial: optuna.Trial) -> float:
-        params = suggest(trial, self.spw_max)
+        params, encoding = suggest(trial, self.spw_max)
         started = time.monotonic()
         with self.mlflow.start_run(run_name=f"trial-{trial.number:03d}", nested=True):
-            self.mlflow.log_params(params | {"trial": trial.number})
+            self.mlflow.log_params(params | {"encoding": encoding, "trial": trial.number})
             state = "FAILED"
             try:
-                value, oof, rounds, fit_s = self._cross_validate(trial, params)
+                value, oof, rounds, fit_s = self._cross_validate(trial, params, encoding)
                 state = "COMPLETE"
             except optuna.TrialPruned:
                 state = "PRUNED"
@@ -136,18 +139,20 @@ class Objective:
             trial.study.stop()
             raise optuna.TrialPruned("time budget spent")
 
-    def _cross_validate(self, trial: optuna.Trial, params: dict) -> tuple[float, np.ndarray, list[int], float]:
+    def _cross_validate(self, trial: optuna.Trial, params: dict,
+                        encoding: str) -> tuple[float, np.ndarray, list[int], float]:
         oof_sum, oof_n, rounds, fit_s = np.zeros(len(self.y)), np.zeros(len(self.y)), [], []
         per_fold = {"average_precision": [], "roc_auc": [], "log_loss": [], "brier": []}
         for k, fold in enumerate(self.folds):
             self._out_of_time(trial)
             stop = Deadline(self.search_deadline)
             started = time.monotonic()
-            booster = train_booster(base_params(self.seed) | params, fold.fit, MAX_ROUNDS, fold.stop, EARLY_STOPPING,
+            booster = train_booster(base_params(self.seed) | params, fold.fit[encoding], MAX_ROUNDS,
+                                    fold.stop[encoding], EARLY_STOPPING,
                                     callbacks=[stop] if self.best_oof is not None else None)
             fit_s.append(time.monotonic() - started)
             self._out_of_time(trial)
-            p, y = raw_scores(booster, fold.valid), self.y[fold.valid_idx]
+            p, y = raw_scores(booster, fold.valid[encoding]), self.y[fold.valid_idx]
             oof_sum[fold.valid_idx] += p
             oof_n[fold.valid_idx] += 1
             rounds.append(booster.best_iteration + 1)
@@ -236,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.log_table(history, "tuning/trials.json")
     pd.DataFrame({LABEL: y, "score": objective.best_oof}, index=train.index).to_parquet(layout.oof)
     write_json(layout.tuned, {
-        "params": base_params(config.seed) | best.params,
+        "params": base_params(config.seed) | {k: v for k, v in best.params.items() if k != "encoding"},
+        "encoding": best.params["encoding"],
         "n_estimators": int(round(np.mean(objective.best_rounds))),
         "fold_rounds": objective.best_rounds,
         "cv": best.user_attrs["cv"], "best_trial": best.number, "trials": states,

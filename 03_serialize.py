@@ -30,10 +30,10 @@ log = logging.getLogger("03_serialize")
 SHAP_SAMPLE = 2000
 
 
-def explain(booster: xgb.Booster, X: pd.DataFrame, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
+def explain(booster: xgb.Booster, X: pd.DataFrame, encoding: str, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
     """SHAP values from XGBoost's own pred_contribs on a sample of the test split."""
     sample = X.sample(min(SHAP_SAMPLE, len(X)), random_state=seed)
-    contribs = booster.predict(dmatrix(sample), pred_contribs=True)[:, :-1]
+    contribs = booster.predict(dmatrix(sample, encoding=encoding), pred_contribs=True)[:, :-1]
     return contribs, sample
 
 
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     schema = Schema.from_dict(prepared["schema"])
     train, test = pd.read_parquet(require(layout.train, "prepare")), pd.read_parquet(require(layout.test, "prepare"))
     started = time.monotonic()
-    booster = train_booster(tuned["params"], dmatrix(to_frame(train, schema), train[LABEL].to_numpy()),
+    encoding = tuned["encoding"]
+    booster = train_booster(tuned["params"], dmatrix(to_frame(train, schema), train[LABEL].to_numpy(), encoding),
                             tuned["n_estimators"])
     y_oof, raw_oof = oof[LABEL].to_numpy(), oof["score"].to_numpy()
     calibrator, calibration_cv = select_calibrator(y_oof, raw_oof, seed=config.seed)
@@ -109,13 +110,13 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("the %s floor cannot be met on out-of-fold scores: threshold set as close as possible",
                     config.threshold.metric)
     X_test, y_test = to_frame(test, schema), test[LABEL].to_numpy()
-    raw_test = raw_scores(booster, dmatrix(X_test))
+    raw_test = raw_scores(booster, dmatrix(X_test, encoding=encoding))
     p_test = calibrator.predict(raw_test)
     evaluation = metrics.evaluate(y_test, p_test, choice.threshold, n_boot=args.bootstrap, seed=config.seed)
-    contribs, sample = explain(booster, X_test, config.seed)
+    contribs, sample = explain(booster, X_test, encoding, config.seed)
     importance = dict(zip(schema.names, np.abs(contribs).mean(axis=0).round(6).tolist()))
     manifest = save_model(layout.model_dir, booster, calibrator, {
-        "name": config.name, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "name": config.name, "encoding": encoding, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "threshold": choice.to_dict() | {"policy": vars(config.threshold)},
         "metrics": {"test": {k: e.value for k, e in evaluation.items()},
                     "test_ci": {k: [e.low, e.high] for k, e in evaluation.items()},

@@ -27,8 +27,17 @@ def base_params(seed: int) -> dict:
             "nthread": os.cpu_count() or 1, "seed": seed, "verbosity": 0}
 
 
-def dmatrix(frame: pd.DataFrame, label: np.ndarray | None = None) -> xgb.DMatrix:
-    return xgb.DMatrix(frame, label=label, enable_categorical=True, nthread=os.cpu_count() or 1)
+ENCODINGS = ("native", "ordinal")
+
+
+def dmatrix(frame: pd.DataFrame, label: np.ndarray | None = None, encoding: str = "native") -> xgb.DMatrix:
+    """Model input for XGBoost. Categoricals either as XGBoost's native categories (partition
+    splits) or `ordinal`: their position among the schema's sorted levels, as a number. Which one
+    wins depends on the data (on census, ordinal: high-cardinality partitions overfit), so the
+    search chooses; the model folder records the choice."""
+    if encoding == "ordinal":
+        frame = frame.apply(lambda c: c.cat.codes.astype(float).where(c.notna()) if c.dtype == "category" else c)
+    return xgb.DMatrix(frame, label=label, enable_categorical=encoding == "native", nthread=os.cpu_count() or 1)
 
 
 def train_booster(params: dict, dtrain: xgb.DMatrix, rounds: int, deval: xgb.DMatrix | None = None,
@@ -67,12 +76,19 @@ class Model:
     def version(self) -> str:
         return self.manifest["model_version"]
 
+    @property
+    def encoding(self) -> str:
+        return self.manifest.get("encoding", "native")
+
     def predict_proba(self, data: pd.DataFrame | Iterable[Mapping]) -> np.ndarray:
-        return self.calibrator.predict(raw_scores(self.booster, dmatrix(to_frame(data, self.schema))))
+        return self.calibrator.predict(raw_scores(self.booster, self.dmatrix(data)))
 
     def contributions(self, data: pd.DataFrame | Iterable[Mapping]) -> np.ndarray:
         """Per-feature contributions to the raw log-odds (SHAP values; last column = bias)."""
-        return self.booster.predict(dmatrix(to_frame(data, self.schema)), pred_contribs=True)
+        return self.booster.predict(self.dmatrix(data), pred_contribs=True)
+
+    def dmatrix(self, data: pd.DataFrame | Iterable[Mapping]) -> xgb.DMatrix:
+        return dmatrix(to_frame(data, self.schema), encoding=self.encoding)
 
 
 def save_model(model_dir: Path, booster: xgb.Booster, calibrator: Calibrator, manifest: dict) -> dict:

@@ -10,8 +10,7 @@ import pytest
 
 from rareml import metrics
 from rareml.errors import RareMLError
-from rareml.features import to_frame
-from rareml.model import dmatrix, load_model
+from rareml.model import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +80,7 @@ def test_invariance_to_extra_fields_and_robust_to_unseen_levels(model_dir, test_
 def test_contributions_add_up_to_the_raw_score(model_dir, test_split):
     model = load_model(model_dir)
     contribs = model.contributions(test_split.head(30))
-    raw = model.booster.predict(dmatrix(to_frame(test_split.head(30), model.schema)))
+    raw = model.booster.predict(model.dmatrix(test_split.head(30)))
     assert np.allclose(1 / (1 + np.exp(-contribs.sum(axis=1))), raw, atol=1e-5)
 
 

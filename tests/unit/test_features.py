@@ -36,3 +36,13 @@ def test_category_strings_normalise_numbers_and_keep_missing():
 
 def test_schema_round_trips_through_dict():
     assert Schema.from_dict(SCHEMA.to_dict()) == SCHEMA
+
+
+def test_ordinal_encoding_is_the_level_position_and_keeps_missing():
+    from rareml.model import dmatrix
+
+    frame = to_frame([{"age": 1, "code": "4", "job": "b"}, {"age": 2, "code": None, "job": "zzz"}], SCHEMA)
+    native, ordinal = dmatrix(frame), dmatrix(frame, encoding="ordinal")
+    assert native.feature_types == ["float", "c", "c"] and ordinal.feature_types == ["float", "float", "float"]
+    values = ordinal.get_data().toarray()  # sparse: missing cells are absent, not zero
+    assert values[0].tolist() == [1.0, 1.0, 1.0] and values[1, 0] == 2.0 and ordinal.get_data()[1].nnz == 1
