@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 export MLFLOW_DISABLE_TELEMETRY ?= true
 STAGE_ARGS = --config $(CONFIG) --artifacts $(ARTIFACTS)
 
-.PHONY: help setup all prepare tune serialize test test-all benchmark mlflow-ui clean
+.PHONY: help setup all prepare tune serialize test benchmark peers mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,17 @@ test: setup ## the test suite (unit, data, model tiers)
 
 benchmark: setup ## time and memory per stage on the default dataset (within BUDGET seconds)
 	$(PY) benchmarks/pipeline.py --config $(CONFIG) --budget $(BUDGET)
+
+DATASET ?= credit_data
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed: benchmarks/requirements-peers.txt
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0  # first: the CPU build
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check -r benchmarks/requirements-peers.txt
+	@touch $@
+
+peers: setup $(BENCH_VENV)/.installed ## rareml vs FLAML, AutoGluon and baselines at equal BUDGET on DATASET
+	$(BENCH_VENV)/bin/python benchmarks/peers.py --dataset $(DATASET) --budget $(BUDGET)
 
 mlflow-ui: setup ## browse the MLflow runs on http://127.0.0.1:5000
 	MLFLOW_ALLOW_FILE_STORE=true $(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-mlruns} --host 127.0.0.1 --port 5000
