@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 
 from rareml.artifacts import Layout, write_json
+from rareml.cli import run, stage_parser
 from rareml.config import load_config
 from rareml.data import (LABEL, file_sha256, frame_fingerprint, infer_schema, load_tables, prepare, reference_stats,
                          split, split_warnings)
-from rareml.errors import run, stage_parser
 
 log = logging.getLogger("01_prepare")
 

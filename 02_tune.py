@@ -21,9 +21,10 @@ from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
 
 from rareml import metrics
 from rareml.artifacts import Layout, read_json, write_json
+from rareml.cli import require, run, stage_parser
 from rareml.config import load_config
 from rareml.data import LABEL
-from rareml.errors import RareMLError, require, run, stage_parser
+from rareml.errors import RareMLError
 from rareml.features import Schema, to_frame
 from rareml.model import ENCODINGS, base_params, dmatrix, raw_scores, train_booster
 from rareml.tracking import setup_mlflow

@@ -18,10 +18,11 @@ import xgboost as xgb
 
 from rareml import metrics, plots
 from rareml.artifacts import Layout, read_json, write_json
+from rareml.cli import require, run, stage_parser
 from rareml.calibration import select_calibrator
 from rareml.config import Config, load_config
 from rareml.data import LABEL, numeric_reference
-from rareml.errors import RareMLError, require, run, stage_parser
+from rareml.errors import RareMLError
 from rareml.features import Schema, to_frame
 from rareml.model import dmatrix, load_model, raw_scores, save_model, train_booster
 from rareml.tracking import setup_mlflow, ui_command

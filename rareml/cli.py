@@ -1,0 +1,40 @@
+"""What every stage script shares at its edge: arguments, input checks, one-line errors."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from rareml.errors import RareMLError
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every stage script takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="configs/census_income_kdd.toml", help="dataset config (TOML)")
+    parser.add_argument("--artifacts", default="artifacts", type=Path, help="folder the stages share")
+    return parser
+
+
+def require(path: Path, make_target: str) -> Path:
+    """Fail with the Make target to run first when a stage's input is missing."""
+    if not path.exists():
+        raise RareMLError(f"{path} not found: run `make {make_target}` first (with the same ARTIFACTS)")
+    return path
+
+
+def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
+    """Run a stage's main(): configure logging, and exit 2 with one line on a user error."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        main(argv)
+    except RareMLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
