@@ -1,6 +1,7 @@
 """The layout of `artifacts/`, written down once: which stage writes which file."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,15 @@ class Layout:
     @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in blocks (data files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _default(obj: object) -> object:

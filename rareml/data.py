@@ -28,14 +28,6 @@ class Prepared:
     dropped: dict[str, str]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def frame_fingerprint(frame: pd.DataFrame) -> str:
     """A hash of the rows (index and values), stable across runs and file formats."""
     return hashlib.sha256(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes()).hexdigest()[:16]
@@ -202,10 +194,10 @@ def reference_stats(train: pd.DataFrame, schema: Schema, bins: int = 10) -> dict
     ref = {}
     for f in schema.features:
         values = train[f.name]
-        missing = float(values.isna().mean())
         if f.kind == NUMERIC:
             ref[f.name] = numeric_reference(values.to_numpy(dtype=float), bins)
         else:
+            missing = float(values.isna().mean())
             shares = values.value_counts(dropna=True) / len(values)
             ref[f.name] = {"kind": CATEGORICAL, "shares": {k: float(shares.get(k, 0.0)) for k in f.categories},
                            "other": float(1 - missing - shares.reindex(list(f.categories)).fillna(0).sum()),

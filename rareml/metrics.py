@@ -59,14 +59,17 @@ def _sort(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return y[order].astype(float), s[order], order
 
 
-def average_precision(y: np.ndarray, s: np.ndarray, w: np.ndarray | None = None) -> float:
+def _ranking(y: np.ndarray, s: np.ndarray, w: np.ndarray | None) -> tuple[float, float]:
     ys, ss, order = _sort(np.asarray(y), np.asarray(s, float))
-    return _ap_auc(*_cum_counts(ys, ss, np.ones_like(ys) if w is None else np.asarray(w, float)[order]))[0]
+    return _ap_auc(*_cum_counts(ys, ss, np.ones_like(ys) if w is None else np.asarray(w, float)[order]))
+
+
+def average_precision(y: np.ndarray, s: np.ndarray, w: np.ndarray | None = None) -> float:
+    return _ranking(y, s, w)[0]
 
 
 def roc_auc(y: np.ndarray, s: np.ndarray, w: np.ndarray | None = None) -> float:
-    ys, ss, order = _sort(np.asarray(y), np.asarray(s, float))
-    return _ap_auc(*_cum_counts(ys, ss, np.ones_like(ys) if w is None else np.asarray(w, float)[order]))[1]
+    return _ranking(y, s, w)[1]
 
 
 def brier(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> float:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import xgboost as xgb
 
+from rareml.artifacts import file_sha256
 from rareml.calibration import Calibrator
 from rareml.errors import RareMLError
 from rareml.features import Schema, to_frame
@@ -55,10 +56,6 @@ def raw_scores(booster: xgb.Booster, data: xgb.DMatrix) -> np.ndarray:
     return booster.predict(data, iteration_range=(0, end))
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @dataclass
 class Model:
     """A loaded, verified model: records in, calibrated probabilities and decisions out."""
@@ -96,7 +93,7 @@ def save_model(model_dir: Path, booster: xgb.Booster, calibrator: Calibrator, ma
     model_dir.mkdir(parents=True, exist_ok=True)
     booster.save_model(model_dir / BOOSTER_FILE)
     (model_dir / CALIBRATOR_FILE).write_text(json.dumps(calibrator.to_dict(), indent=2) + "\n")
-    files = {name: sha256(model_dir / name) for name in (BOOSTER_FILE, CALIBRATOR_FILE)}
+    files = {name: file_sha256(model_dir / name) for name in (BOOSTER_FILE, CALIBRATOR_FILE)}
     version = hashlib.sha256("".join(files.values()).encode()).hexdigest()[:12]
     manifest = {"format_version": FORMAT_VERSION, "model_version": version, **manifest, "files": files}
     (model_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -116,7 +113,7 @@ def load_model(model_dir: str | Path) -> Model:
         raise RareMLError(f"{model_dir}: unsupported model format {manifest.get('format_version')!r}")
     for name, expected in manifest.get("files", {}).items():
         path = model_dir / name
-        if not path.is_file() or sha256(path) != expected:
+        if not path.is_file() or file_sha256(path) != expected:
             raise RareMLError(f"{path} is missing or does not match its checksum in the manifest")
     if set(manifest.get("files", {})) != {BOOSTER_FILE, CALIBRATOR_FILE}:
         raise RareMLError(f"{model_dir / MANIFEST_FILE} does not list the model files")
