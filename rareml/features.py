@@ -1,14 +1,18 @@
-"""The feature schema and the one function that turns records into model input.
+"""The feature schema and the functions that turn data into model input.
 
-Training, evaluation and serving all call `to_frame`, so they cannot drift apart.
+Training and evaluation call `to_frame` on frames; the API and the GUI call `RecordEncoder` on
+JSON records, which validates each value and gives the same numbers (tests hold the two equal).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
+
+from rareml.errors import InputError
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
 
@@ -49,7 +53,7 @@ class Schema:
         return cls(features=feats, target=d["target"], positive=d["positive"], sensitive=tuple(d["sensitive"]))
 
 
-def _level(value: object) -> object:
+def level_of(value: object) -> object:
     """One value as a category level: a string, integral numbers without '.0'; missing stays NaN."""
     if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
         return np.nan
@@ -63,10 +67,10 @@ def _level(value: object) -> object:
 def category_strings(values: pd.Series) -> pd.Series:
     """Normalise a column to category-level strings (object dtype, NaN for missing)."""
     if values.dtype == object or pd.api.types.is_string_dtype(values) or pd.api.types.is_bool_dtype(values):
-        return values.astype(object).map(_level)
+        return values.astype(object).map(level_of)
     if pd.api.types.is_integer_dtype(values):
-        return values.astype(object).where(values.notna(), np.nan).map(_level)
-    return values.astype(float).map(_level)
+        return values.astype(object).where(values.notna(), np.nan).map(level_of)
+    return values.astype(float).map(level_of)
 
 
 def to_frame(data: pd.DataFrame | Iterable[Mapping], schema: Schema) -> pd.DataFrame:
@@ -94,3 +98,91 @@ def unseen_levels(frame: pd.DataFrame, schema: Schema) -> dict[str, int]:
             if n:
                 counts[f.name] = n
     return counts
+
+
+UNSEEN = -1.0  # a categorical value never seen in training, before the model sees it as missing
+
+
+class RecordEncoder:
+    """Validates JSON records against the schema and encodes them as model input rows:
+    numbers as floats, categories as their position among the training levels (the codes of
+    `to_frame`'s categoricals), missing (null) as NaN. Fast enough for one record per request."""
+
+    def __init__(self, schema: Schema):
+        self.schema = schema
+        self.names = schema.names
+        self.codes = [{level: float(i) for i, level in enumerate(f.categories)} if f.kind == CATEGORICAL
+                      else None for f in schema.features]
+        self.allowed = set(self.names) | set(schema.sensitive)
+        self.extras = [a for a in schema.sensitive if a not in self.names]  # recorded, not model input
+
+    def encode(self, record: object, where: str = "") -> tuple[np.ndarray, dict[str, object]]:
+        """One record -> (row with UNSEEN for unknown levels, values of the sensitive attributes
+        that are not features)."""
+        if not isinstance(record, dict):
+            raise InputError(f"{where or 'the body'} must be a JSON object of feature values", "not_an_object")
+        if len(record) > len(self.names) or not self.allowed.issuperset(record):
+            extra = sorted(set(record) - self.allowed)
+            if extra:
+                raise InputError(f"{where}unknown field {extra[0]!r}{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}:"
+                                 " GET /model lists the features", "extra_field", extra[0])
+        row = np.empty(len(self.names), dtype=np.float64)
+        for i, (name, codes) in enumerate(zip(self.names, self.codes)):
+            try:
+                value = record[name]
+            except KeyError:
+                raise InputError(f"{where}missing field {name!r} (send null for an unknown value)",
+                                 "missing_field", name) from None
+            row[i] = _number(value, name, where) if codes is None else _code(value, codes, name, where)
+        return row, {a: record.get(a) for a in self.extras}
+
+    def encode_many(self, records: list) -> tuple[np.ndarray, list[dict[str, object]]]:
+        rows, groups = [], []
+        for i, record in enumerate(records):
+            row, group = self.encode(record, where=f"records[{i}]: ")
+            rows.append(row)
+            groups.append(group)
+        return np.array(rows, dtype=np.float64).reshape(len(rows), len(self.names)), groups
+
+
+def model_rows(rows: np.ndarray) -> np.ndarray:
+    """Encoded rows as the model sees them: an unseen level is missing."""
+    return np.where(rows == UNSEEN, np.nan, rows)
+
+
+def _number(value: object, name: str, where: str) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{where}field {name!r} must be a number or null, got {type(value).__name__}",
+                         "wrong_type", name)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise InputError(f"{where}field {name!r} must be finite (send null for an unknown value)", "non_finite", name)
+    return number
+
+
+def _code(value: object, codes: dict[str, float], name: str, where: str) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, str):
+        return codes.get(value, UNSEEN)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{where}field {name!r} must be finite (send null for an unknown value)", "non_finite", name)
+    if not isinstance(value, (int, float, bool)):
+        raise InputError(f"{where}field {name!r} must be a string, number or null, got {type(value).__name__}",
+                         "wrong_type", name)
+    return codes.get(level_of(value), UNSEEN)
+
+
+def to_records(frame: pd.DataFrame, schema: Schema) -> list[dict]:
+    """Rows of a prepared frame as the JSON records the API takes (features and sensitive
+    attributes; missing as None): what the simulator, the GUI's examples and the tests send."""
+    columns = list(dict.fromkeys(schema.names + list(schema.sensitive)))
+    subset = frame[columns].astype(object)
+    return [{k: (None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else
+                 v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+            for row in subset.to_dict(orient="records")]

@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ import xgboost as xgb
 from rareml.artifacts import file_sha256
 from rareml.calibration import Calibrator
 from rareml.errors import RareMLError
-from rareml.features import Schema, to_frame
+from rareml.features import RecordEncoder, Schema, to_frame
+from rareml.predictor import TreeEnsemble
 
 BOOSTER_FILE, CALIBRATOR_FILE, MANIFEST_FILE = "model.ubj", "calibrator.json", "manifest.json"
 FORMAT_VERSION = 1
@@ -49,11 +51,15 @@ def train_booster(params: dict, dtrain: xgb.DMatrix, rounds: int, deval: xgb.DMa
                      early_stopping_rounds=early_stopping if evals else None, callbacks=callbacks)
 
 
+def _n_trees(booster: xgb.Booster) -> int:
+    """Trees to use: up to the best iteration when early stopping found one, else all (0)."""
+    best = booster.attributes().get("best_iteration")
+    return int(best) + 1 if best is not None else 0
+
+
 def raw_scores(booster: xgb.Booster, data: xgb.DMatrix) -> np.ndarray:
     """Uncalibrated probabilities, up to the best iteration when early stopping found one."""
-    best = booster.attributes().get("best_iteration")
-    end = int(best) + 1 if best is not None else 0
-    return booster.predict(data, iteration_range=(0, end))
+    return booster.predict(data, iteration_range=(0, _n_trees(booster)))
 
 
 @dataclass
@@ -86,6 +92,31 @@ class Model:
 
     def dmatrix(self, data: pd.DataFrame | Iterable[Mapping]) -> xgb.DMatrix:
         return dmatrix(to_frame(data, self.schema), encoding=self.encoding)
+
+    # The serving path: rows already encoded by `encoder` (see rareml.features.model_rows).
+    SMALL = 32  # up to this many rows the compiled trees beat XGBoost's per-call overhead
+
+    @cached_property
+    def encoder(self) -> RecordEncoder:
+        return RecordEncoder(self.schema)
+
+    @cached_property
+    def ensemble(self) -> TreeEnsemble:
+        return TreeEnsemble.from_booster(self.booster, _n_trees(self.booster) or None)
+
+    def predict_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities for encoded rows (NaN for missing)."""
+        if len(rows) <= self.SMALL:
+            raw = self.ensemble.predict(rows)
+        else:
+            raw = self.booster.inplace_predict(rows, iteration_range=(0, _n_trees(self.booster)))
+        return self.calibrator.predict(raw)
+
+    def contributions_rows(self, rows: np.ndarray) -> np.ndarray:
+        """SHAP values for encoded rows (last column = bias), as `contributions` gives for records."""
+        data = xgb.DMatrix(rows, feature_names=self.booster.feature_names, feature_types=self.booster.feature_types,
+                           enable_categorical=self.encoding == "native")
+        return self.booster.predict(data, pred_contribs=True, iteration_range=(0, _n_trees(self.booster)))
 
 
 def save_model(model_dir: Path, booster: xgb.Booster, calibrator: Calibrator, manifest: dict) -> dict:

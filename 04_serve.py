@@ -1,0 +1,360 @@
+"""Stage 4: serve the model over HTTP: a Flask app (`create_app`) run by gunicorn (`main`).
+
+Endpoints: POST /predict, /predict/batch, /feedback; GET /health, /ready, /model, /metrics.
+Records are checked against the model's schema and encoded by the same code as training
+(rareml.features); predictions and delayed labels go to a SQLite log shared by all workers, from
+which drift, fairness and live performance are computed over a sliding window when Prometheus
+scrapes, at most every `refresh` seconds. See the README for a curl call per endpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import math
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from rareml import monitoring
+from rareml.cli import run
+from rareml.errors import InputError, RareMLError
+from rareml.features import UNSEEN, model_rows
+from rareml.model import Model, load_model
+from rareml.store import DuplicateFeedback, Store, UnknownPrediction
+
+log = logging.getLogger("04_serve")
+MAX_BATCH = 5000  # records per /predict/batch; more is a 413
+MAX_BODY = 16 * 2**20  # bytes per request body; more is a 413
+WINDOW = 1000  # recent predictions (and recent labels) behind the drift, fairness and live gauges
+PROBABILITY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ApiError(Exception):
+    """A client mistake: answered with `status` and a JSON message, counted by `reason`."""
+
+    def __init__(self, status: int, reason: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.reason, self.field = status, reason, field
+
+
+class Metrics:
+    """The service's Prometheus metrics. With PROMETHEUS_MULTIPROC_DIR set (gunicorn, see main),
+    every worker writes its own files and /metrics adds them up; window gauges keep the most
+    recent value written by any worker."""
+
+    def __init__(self, model: Model):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+        disable_created_metrics()  # no *_created series: half the exposition, and nothing reads them
+        self.registry = CollectorRegistry()
+        reg, latest = {"registry": self.registry}, {"registry": self.registry, "multiprocess_mode": "mostrecent"}
+        self.requests = Counter("rareml_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], **reg)
+        self.latency = Histogram("rareml_request_latency_seconds", "Request latency", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, **reg)
+        self.predictions = Counter("rareml_predictions", "Predictions by decision", ["decision"], **reg)
+        self.probability = Histogram("rareml_predicted_probability", "Calibrated probability of each prediction",
+                                     buckets=PROBABILITY_BUCKETS, **reg)
+        self.feedback = Counter("rareml_feedback", "Delayed labels received", ["label"], **reg)
+        self.rejected = Counter("rareml_rejected_inputs", "Rejected requests by reason", ["reason"], **reg)
+        self.unseen = Counter("rareml_unseen_categories", "Category values never seen in training (scored as "
+                              "missing)", ["feature"], **reg)
+        info = Gauge("rareml_model_info", "The model being served", ["name", "version", "trained_at", "calibration"],
+                     multiprocess_mode="max", **reg)
+        info.labels(model.manifest["name"], model.version, model.manifest["trained_at"], model.calibrator.method).set(1)
+        Gauge("rareml_threshold", "Decision threshold", multiprocess_mode="max", **reg).set(model.threshold)
+        baseline = Gauge("rareml_validation_metric", "Validation (out-of-fold) figures from the manifest, the "
+                         "baseline for live performance", ["metric"], multiprocess_mode="max", **reg)
+        for name, value in model.manifest["metrics"]["validation"].items():
+            baseline.labels(name).set(value)
+        self.window_size = Gauge("rareml_window_predictions", "Predictions in the window", **latest)
+        self.positive_rate = Gauge("rareml_positive_rate", "Share of positive decisions in the window", **latest)
+        self.feature_psi = Gauge("rareml_feature_psi", "Data drift: PSI of each feature, window vs training",
+                                 ["feature"], **latest)
+        self.max_psi = Gauge("rareml_feature_psi_max", "Largest feature PSI in the window", **latest)
+        self.score_psi = Gauge("rareml_prediction_psi", "Prediction drift: PSI of the scores, window vs validation",
+                               **latest)
+        self.labeled = Gauge("rareml_window_labeled", "Predictions with a label in the labeled window", **latest)
+        self.live = Gauge("rareml_live_metric", "Precision, recall and average precision over the recent "
+                          "predictions that received a label", ["metric"], **latest)
+        self.selection = Gauge("rareml_group_selection_rate", "Positive-decision rate per group in the window",
+                               ["attribute", "group"], **latest)
+        self.selection_gap = Gauge("rareml_fairness_selection_rate_difference", "Largest difference in selection "
+                                   "rate between groups", ["attribute"], **latest)
+        self.tpr_gap = Gauge("rareml_fairness_true_positive_rate_difference", "Largest difference in true-positive "
+                             "rate between groups (labeled window)", ["attribute"], **latest)
+        self.refreshed = Gauge("rareml_monitor_refresh_timestamp_seconds", "When the window gauges were computed",
+                               **latest)
+
+    def update(self, s: monitoring.Signals) -> None:
+        self.window_size.set(s.predictions)
+        self.positive_rate.set(s.positive_rate)
+        for name, value in s.feature_psi.items():
+            self.feature_psi.labels(name).set(value)
+        self.max_psi.set(max(s.feature_psi.values(), default=math.nan))
+        self.score_psi.set(s.score_psi)
+        self.labeled.set(s.labeled)
+        for name, value in (("precision", s.precision), ("recall", s.recall), ("average_precision", s.average_precision)):
+            self.live.labels(name).set(value)
+        for attribute, rates in s.selection_rate.items():
+            for group, rate in rates.items():
+                self.selection.labels(attribute, group).set(rate)
+        for attribute, gap in s.selection_rate_gap.items():
+            self.selection_gap.labels(attribute).set(gap)
+        for attribute, gap in s.true_positive_rate_gap.items():
+            self.tpr_gap.labels(attribute).set(gap)
+        self.refreshed.set(time.time())
+
+    def exposition(self) -> bytes:
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+
+def read_body(max_items: int | None = None) -> object:
+    """The request's JSON body, or an ApiError naming what is wrong with it."""
+    if request.mimetype != "application/json":
+        raise ApiError(415, "wrong_content_type", f"Content-Type must be application/json, got "
+                       f"{request.mimetype or 'none'!r}")
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        raise ApiError(400, "empty_body", "the request body is empty: send a JSON object")
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except InputError as exc:
+        raise ApiError(422, exc.reason, str(exc)) from None
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+
+
+def _reject_constant(name: str) -> None:
+    raise InputError(f"{name} is not allowed: send null for an unknown value", "non_finite")
+
+
+def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "artifacts/serving/predictions.db",
+               window: int = WINDOW, refresh: float = 5.0, max_batch: int = MAX_BATCH) -> Flask:
+    """The API over one verified model folder (a RareMLError if it is missing or corrupt)."""
+    model = load_model(model_dir)
+    encoder, store, metrics = model.encoder, Store(db), Metrics(model)
+    threshold, version = model.threshold, model.version
+    names = np.array(model.schema.names)
+    lock_path = Path(db).with_suffix(".lock")
+    state = {"refreshed": 0.0}
+    app = Flask("rareml")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+
+    def score(rows: np.ndarray, extras: list[dict]) -> list[dict]:
+        unseen = rows == UNSEEN
+        if unseen.any():
+            for name, count in zip(names, unseen.sum(axis=0)):
+                if count:
+                    metrics.unseen.labels(name).inc(int(count))
+        probability = model.predict_rows(model_rows(rows))
+        decision = (probability >= threshold).astype(int)
+        hexes = os.urandom(16 * len(rows)).hex()
+        ids = [hexes[i:i + 32] for i in range(0, 32 * len(rows), 32)]
+        store.add_predictions(ids, version, probability, decision, rows, extras)
+        positives = int(decision.sum())
+        metrics.predictions.labels("1").inc(positives) if positives else None
+        metrics.predictions.labels("0").inc(len(rows) - positives) if positives < len(rows) else None
+        for p in probability.tolist():
+            metrics.probability.observe(p)
+        return [{"probability": p, "decision": d, "threshold": threshold, "model_version": version,
+                 "prediction_id": i} for p, d, i in zip(probability.tolist(), decision.tolist(), ids)]
+
+    def explain(row: np.ndarray, record: dict, top: int) -> dict:
+        contributions = model.contributions_rows(model_rows(row[None]))[0]
+        order = np.argsort(-np.abs(contributions[:-1]))[:top]
+        return {"bias": float(contributions[-1]), "top": [
+            {"feature": names[i], "value": record.get(names[i]), "contribution": float(contributions[i])}
+            for i in order]}
+
+    @app.post("/predict")
+    def predict():
+        record = read_body()
+        row, extras = encoder.encode(record)
+        result = score(row[None], [extras])[0]
+        if request.args.get("explain", "").lower() in ("1", "true", "yes"):
+            result["explanation"] = explain(row, record, _top(request.args.get("top", "10")))
+        return result
+
+    @app.post("/predict/batch")
+    def predict_batch():
+        body = read_body()
+        if not isinstance(body, dict) or set(body) != {"records"} or not isinstance(body["records"], list):
+            raise ApiError(422, "not_a_batch", 'the body must be {"records": [ {...}, ... ]}', "records")
+        records = body["records"]
+        if not records:
+            raise ApiError(422, "empty_batch", '"records" is empty', "records")
+        if len(records) > max_batch:
+            raise ApiError(413, "batch_too_large", f"{len(records)} records: at most {max_batch} per request",
+                           "records")
+        rows, extras = encoder.encode_many(records)
+        return {"predictions": score(rows, extras), "model_version": version}
+
+    @app.post("/feedback")
+    def feedback():
+        body = read_body()
+        if not isinstance(body, dict) or set(body) - {"prediction_id", "label"}:
+            raise ApiError(422, "not_feedback", 'the body must be {"prediction_id": str, "label": 0 or 1}')
+        pid, label = body.get("prediction_id"), body.get("label")
+        if not isinstance(pid, str):
+            raise ApiError(422, "wrong_type", "prediction_id must be the string /predict returned", "prediction_id")
+        if label not in (0, 1) or isinstance(label, float):
+            raise ApiError(422, "wrong_type", "label must be 0 or 1", "label")
+        try:
+            store.add_feedback(pid, int(label))
+        except UnknownPrediction:
+            raise ApiError(404, "unknown_prediction", f"no prediction with id {pid!r}", "prediction_id") from None
+        except DuplicateFeedback:
+            raise ApiError(409, "duplicate_feedback", f"prediction {pid!r} already has a label",
+                           "prediction_id") from None
+        metrics.feedback.labels(str(int(label))).inc()
+        return {"prediction_id": pid, "label": int(label), "status": "recorded"}
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    def ready():
+        try:
+            store.ping()
+        except Exception as exc:  # noqa: BLE001 (any failure means: not ready)
+            return {"status": "not ready", "reason": f"prediction log {db}: {exc}"}, 503
+        return {"status": "ready", "model_version": version}
+
+    @app.get("/model")
+    def model_card():
+        m = model.manifest
+        return {"name": m["name"], "model_version": version, "trained_at": m["trained_at"], "threshold": m["threshold"],
+                "metrics": {k: m["metrics"][k] for k in ("test", "test_ci", "validation", "no_skill", "fairness")},
+                "calibration": m["calibration"]["method"], "importance": m["importance"],
+                "target": model.schema.target, "positive": model.schema.positive,
+                "sensitive": list(model.schema.sensitive), "max_batch": max_batch,
+                "features": model.schema.to_dict()["features"]}
+
+    @app.get("/metrics")
+    def metrics_endpoint():
+        if time.monotonic() - state["refreshed"] >= refresh:
+            refresh_signals()
+        return Response(metrics.exposition(), mimetype="text/plain; version=0.0.4; charset=utf-8")
+
+    def refresh_signals() -> None:
+        """Recompute the window gauges, one process at a time (the others keep the latest values)."""
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            n = len(names)
+            metrics.update(monitoring.signals(model.schema, model.manifest["reference"], store.window(version, window, n),
+                                              store.labeled(version, window, n)))
+            state["refreshed"] = time.monotonic()
+
+    @app.before_request
+    def start_timer():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def count(response: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        return response
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        metrics.rejected.labels(exc.reason).inc()
+        return {"error": str(exc), "reason": exc.reason, "field": exc.field}, exc.status
+
+    @app.errorhandler(InputError)
+    def input_error(exc: InputError):
+        return api_error(ApiError(422, exc.reason, str(exc), exc.field))
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        if exc.code == 413:
+            return api_error(ApiError(413, "body_too_large", f"the body is larger than {MAX_BODY} bytes"))
+        return {"error": exc.description, "reason": exc.name.lower().replace(" ", "_"), "field": None}, exc.code
+
+    @app.errorhandler(Exception)
+    def server_error(exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return {"error": "internal error: the server log has the details", "reason": "internal", "field": None}, 500
+
+    return app
+
+
+def _top(text: str) -> int:
+    try:
+        return max(1, min(int(text), 100))
+    except ValueError:
+        raise ApiError(422, "wrong_type", "top must be an integer", "top") from None
+
+
+def _gunicorn(app_factory, options: dict):
+    """gunicorn, configured in code: one command line, and the multiprocess metrics hook."""
+    from gunicorn.app.base import BaseApplication
+
+    class Server(BaseApplication):
+        def load_config(self):
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            return app_factory()
+
+    return Server()
+
+
+def _child_exit(server, worker) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts", default="artifacts", type=Path, help="folder holding model/ (make serialize)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
+    parser.add_argument("--port", default=8000, type=int)
+    parser.add_argument("--workers", default=2, type=int, help="gunicorn worker processes")
+    parser.add_argument("--db", type=Path, help="prediction log (default: ARTIFACTS/serving/predictions.db)")
+    parser.add_argument("--window", default=WINDOW, type=int, help="predictions behind the live gauges")
+    parser.add_argument("--refresh", default=5.0, type=float, help="seconds between recomputing the live gauges")
+    args = parser.parse_args(argv)
+    model_dir, db = args.artifacts / "model", args.db or args.artifacts / "serving" / "predictions.db"
+    model = load_model(model_dir)  # refuse to start on a missing or corrupt model, with the reason
+    try:
+        Store(db).ping()
+    except (OSError, sqlite3.Error) as exc:
+        raise RareMLError(f"cannot open the prediction log {db}: {exc}") from None
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="rareml-metrics-")
+    shutil.rmtree(metrics_dir, ignore_errors=True)  # counts start at zero with each server
+    os.makedirs(metrics_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    log.info("serving model %s from %s on http://%s:%d with %d workers (prediction log %s)", model.version,
+             model_dir, args.host, args.port, args.workers, db)
+    _gunicorn(lambda: create_app(model_dir, db, args.window, args.refresh), {
+        "bind": f"{args.host}:{args.port}", "workers": args.workers, "worker_class": "sync", "timeout": 60,
+        "child_exit": _child_exit, "accesslog": None, "errorlog": "-", "loglevel": "info",
+        "proc_name": "rareml-serve"}).run()
+
+
+if __name__ == "__main__":
+    run(main)

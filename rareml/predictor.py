@@ -1,0 +1,117 @@
+"""A compiled form of the booster for scoring a few rows at a time with numpy alone.
+
+`Booster.inplace_predict` costs ~0.3 ms per call whatever the row count, mostly fixed overhead,
+which would dominate an API request. Here the trees are flattened into arrays once, and all trees
+walk one level per numpy step, so one row costs ~0.08 ms. It follows XGBoost's arithmetic: float32
+inputs and split values, `x < split` goes left, missing follows the default direction, a category
+in the split's set goes right, leaves summed in tree order onto the base margin in float32. The
+margin is bit-identical to XGBoost's; the probability can differ in the last float32 bit (expf
+rounding). `Model` uses it for small inputs and XGBoost for batches; tests hold the two equal.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import xgboost as xgb
+
+from rareml.errors import RareMLError
+
+SUPPORTED_OBJECTIVES = ("binary:logistic",)
+
+
+@dataclass(frozen=True)
+class TreeEnsemble:
+    """All nodes of all trees in flat arrays; a leaf points to itself, so extra steps stay put."""
+
+    roots: np.ndarray  # first node of each tree
+    feature: np.ndarray
+    split: np.ndarray  # float32 split value; the leaf value on leaves
+    left: np.ndarray
+    right: np.ndarray
+    default_left: np.ndarray
+    category_row: np.ndarray  # row of `in_set` for a categorical split, -1 otherwise
+    in_set: np.ndarray  # [categorical splits, categories]: does this category go right?
+    depth: int
+    base_margin: np.float32
+
+    @classmethod
+    def from_booster(cls, booster: xgb.Booster, n_trees: int | None = None) -> TreeEnsemble:
+        model = json.loads(booster.save_raw("json"))["learner"]
+        objective = model["objective"]["name"]
+        if objective not in SUPPORTED_OBJECTIVES:
+            raise RareMLError(f"cannot compile a booster with objective {objective!r}")
+        trees = model["gradient_booster"]["model"]["trees"][:n_trees]
+        base = float(str(model["learner_model_param"]["base_score"]).strip("[]"))
+        parts, sets, offset, depth = [], [], 0, 0
+        for tree in trees:
+            part, tree_sets, tree_depth = _flatten(tree, offset, len(sets))
+            parts.append(part)
+            sets.extend(tree_sets)
+            depth = max(depth, tree_depth)
+            offset += len(part["split"])
+        width = max((max(s) + 1 for s in sets if s), default=1)
+        in_set = np.zeros((max(len(sets), 1), width), dtype=bool)
+        for row, cats in enumerate(sets):
+            in_set[row, cats] = True
+        columns = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        return cls(roots=np.array([0] + [len(p["split"]) for p in parts[:-1]]).cumsum(), **columns,
+                   in_set=in_set, depth=depth, base_margin=np.float32(np.log(base / (1 - base))))
+
+    def margin(self, X: np.ndarray) -> np.ndarray:
+        """Raw log-odds for rows of model input (float32-able, NaN for missing)."""
+        X = np.atleast_2d(np.asarray(X, dtype=np.float32))
+        rows = np.arange(len(X))[:, None]
+        node = np.broadcast_to(self.roots, (len(X), self.roots.size))
+        has_categories = bool((self.category_row >= 0).any())
+        for _ in range(self.depth):
+            value = X[rows, self.feature[node]]
+            go_left = (value < self.split[node]) | (np.isnan(value) & self.default_left[node])
+            if has_categories:
+                go_left = self._categorical(node, value, go_left)
+            node = np.where(go_left, self.left[node], self.right[node])
+        leaves = np.concatenate([np.full((len(X), 1), self.base_margin), self.split[node]], axis=1)
+        return np.cumsum(leaves, axis=1, dtype=np.float32)[:, -1]
+
+    def _categorical(self, node: np.ndarray, value: np.ndarray, go_left: np.ndarray) -> np.ndarray:
+        """Categorical splits: missing follows the default; a code in the split's set goes right."""
+        row = self.category_row[node]
+        cat = row >= 0
+        if cat.any():
+            v, r = value[cat], row[cat]
+            missing = np.isnan(v)
+            code = np.where(missing, -1, v).astype(np.intp)
+            known = (code >= 0) & (code < self.in_set.shape[1])
+            goes_right = np.zeros(v.shape, dtype=bool)
+            goes_right[known] = self.in_set[r[known], code[known]]
+            go_left[cat] = np.where(missing, self.default_left[node][cat], ~goes_right)
+        return go_left
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Probabilities, computed as XGBoost does: 1 / (1 + expf(-margin)) in float32."""
+        e = np.exp(-self.margin(X).astype(np.float64)).astype(np.float32)
+        return np.float32(1.0) / (e + np.float32(1.0))
+
+
+def _flatten(tree: dict, offset: int, set_offset: int) -> tuple[dict[str, np.ndarray], list[list[int]], int]:
+    """One tree's nodes as arrays (indices shifted by `offset`), its category sets, its depth."""
+    left, right = np.array(tree["left_children"]), np.array(tree["right_children"])
+    n = left.size
+    leaf = left == -1
+    own = np.arange(n)
+    category_row = np.full(n, -1)
+    sets = []
+    segments, sizes = tree.get("categories_segments", []), tree.get("categories_sizes", [])
+    for i, node in enumerate(tree.get("categories_nodes", [])):
+        category_row[node] = set_offset + i
+        sets.append(list(tree["categories"][segments[i]:segments[i] + sizes[i]]))
+    depth = np.zeros(n, dtype=int)
+    for node in range(n):  # XGBoost numbers a child after its parent
+        if not leaf[node]:
+            depth[left[node]] = depth[right[node]] = depth[node] + 1
+    part = {"feature": np.where(leaf, 0, np.array(tree["split_indices"])),
+            "split": np.array(tree["split_conditions"], dtype=np.float32),
+            "left": np.where(leaf, own, left) + offset, "right": np.where(leaf, own, right) + offset,
+            "default_left": np.array(tree["default_left"], dtype=bool), "category_row": category_row}
+    return part, sets, int(depth.max())
