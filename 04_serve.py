@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import logging
 import math
+import re
 import os
 import shutil
 import sqlite3
@@ -21,14 +21,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 from flask import Flask, Response, g, request
+from flask.json.provider import JSONProvider
 from werkzeug.exceptions import HTTPException
 
 from rareml import monitoring
 from rareml.cli import run
 from rareml.errors import InputError, RareMLError
 from rareml.features import UNSEEN, model_rows
-from rareml.model import Model, load_model
+from rareml.model import Model, load_model, verify_model_dir
 from rareml.store import DuplicateFeedback, Store, UnknownPrediction
 
 log = logging.getLogger("04_serve")
@@ -133,27 +135,53 @@ def read_body(max_items: int | None = None) -> object:
     if not raw.strip():
         raise ApiError(400, "empty_body", "the request body is empty: send a JSON object")
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except InputError as exc:
-        raise ApiError(422, exc.reason, str(exc)) from None
-    except (ValueError, RecursionError) as exc:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if "infinity" in str(exc) or NON_FINITE.search(raw):
+            raise ApiError(422, "non_finite", "NaN and infinite numbers are not allowed: send null for an unknown "
+                           "value") from None
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
 
 
-def _reject_constant(name: str) -> None:
-    raise InputError(f"{name} is not allowed: send null for an unknown value", "non_finite")
+NON_FINITE = re.compile(rb"(?<![\w\"])-?(NaN|Infinity)(?![\w\"])")
+
+
+class FastJSON(JSONProvider):
+    """Flask's JSON through orjson (NaN written as null, so every answer is valid JSON)."""
+
+    def dumps(self, obj, **kwargs) -> str:
+        return orjson.dumps(obj).decode()
+
+    def loads(self, s, **kwargs):
+        return orjson.loads(s)
+
+    def response(self, *args, **kwargs) -> Response:
+        obj = args[0] if len(args) == 1 else (args or kwargs)
+        return Response(orjson.dumps(obj), mimetype="application/json")
+
+
+def observe_many(histogram, values: np.ndarray) -> None:
+    """Histogram.observe for many values at once: one increment per bucket instead of per value
+    (prometheus_client keeps per-bucket counts in `_buckets`, bounded above by `_upper_bounds`)."""
+    counts = np.bincount(np.searchsorted(histogram._upper_bounds, values, side="left"),
+                         minlength=len(histogram._upper_bounds))
+    for bucket, count in zip(histogram._buckets, counts.tolist()):
+        if count:
+            bucket.inc(count)
+    histogram._sum.inc(float(values.sum()))
 
 
 def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "artifacts/serving/predictions.db",
                window: int = WINDOW, refresh: float = 5.0, max_batch: int = MAX_BATCH) -> Flask:
     """The API over one verified model folder (a RareMLError if it is missing or corrupt)."""
     model = load_model(model_dir)
-    encoder, store, metrics = model.encoder, Store(db), Metrics(model)
+    encoder, store, metrics = model.encoder, Store(db, len(model.schema.names)), Metrics(model)
     threshold, version = model.threshold, model.version
     names = np.array(model.schema.names)
     lock_path = Path(db).with_suffix(".lock")
     state = {"refreshed": 0.0}
     app = Flask("rareml")
+    app.json = FastJSON(app)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
 
     def score(rows: np.ndarray, extras: list[dict]) -> list[dict]:
@@ -164,14 +192,11 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
                     metrics.unseen.labels(name).inc(int(count))
         probability = model.predict_rows(model_rows(rows))
         decision = (probability >= threshold).astype(int)
-        hexes = os.urandom(16 * len(rows)).hex()
-        ids = [hexes[i:i + 32] for i in range(0, 32 * len(rows), 32)]
-        store.add_predictions(ids, version, probability, decision, rows, extras)
+        ids = store.add_predictions(version, probability, decision, rows, extras)
         positives = int(decision.sum())
         metrics.predictions.labels("1").inc(positives) if positives else None
         metrics.predictions.labels("0").inc(len(rows) - positives) if positives < len(rows) else None
-        for p in probability.tolist():
-            metrics.probability.observe(p)
+        observe_many(metrics.probability, probability)
         return [{"probability": p, "decision": d, "threshold": threshold, "model_version": version,
                  "prediction_id": i} for p, d, i in zip(probability.tolist(), decision.tolist(), ids)]
 
@@ -261,9 +286,8 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return
-            n = len(names)
-            metrics.update(monitoring.signals(model.schema, model.manifest["reference"], store.window(version, window, n),
-                                              store.labeled(version, window, n)))
+            metrics.update(monitoring.signals(model.schema, model.manifest["reference"], store.window(version, window),
+                                              store.labeled(version, window)))
             state["refreshed"] = time.monotonic()
 
     @app.before_request
@@ -339,21 +363,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refresh", default=5.0, type=float, help="seconds between recomputing the live gauges")
     args = parser.parse_args(argv)
     model_dir, db = args.artifacts / "model", args.db or args.artifacts / "serving" / "predictions.db"
-    model = load_model(model_dir)  # refuse to start on a missing or corrupt model, with the reason
+    manifest = verify_model_dir(model_dir)  # refuse to start on a missing or corrupt model, with the reason
     try:
-        Store(db).ping()
+        Store(db, len(manifest["schema"]["features"])).ping()
     except (OSError, sqlite3.Error) as exc:
         raise RareMLError(f"cannot open the prediction log {db}: {exc}") from None
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="rareml-metrics-")
     shutil.rmtree(metrics_dir, ignore_errors=True)  # counts start at zero with each server
     os.makedirs(metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    log.info("serving model %s from %s on http://%s:%d with %d workers (prediction log %s)", model.version,
+    log.info("serving model %s from %s on http://%s:%d with %d workers (prediction log %s)", manifest["model_version"],
              model_dir, args.host, args.port, args.workers, db)
     _gunicorn(lambda: create_app(model_dir, db, args.window, args.refresh), {
         "bind": f"{args.host}:{args.port}", "workers": args.workers, "worker_class": "sync", "timeout": 60,
         "child_exit": _child_exit, "accesslog": None, "errorlog": "-", "loglevel": "info",
-        "proc_name": "rareml-serve"}).run()
+        "proc_name": "rareml-serve", "control_socket_disable": True}).run()
 
 
 if __name__ == "__main__":

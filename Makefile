@@ -7,10 +7,13 @@ CONFIG ?= configs/census_income_kdd.toml
 ARTIFACTS ?= artifacts
 BUDGET ?= 600
 PYTEST_ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+WORKERS ?= 2
 export MLFLOW_DISABLE_TELEMETRY ?= true
 STAGE_ARGS = --config $(CONFIG) --artifacts $(ARTIFACTS)
 
-.PHONY: help setup all prepare tune serialize test benchmark peers mlflow-ui clean
+.PHONY: help setup all prepare tune serialize serve test benchmark bench-serve peers mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,11 +45,18 @@ tune: setup ## 02: Optuna search over XGBoost, each trial an MLflow child run (B
 serialize: setup ## 03: refit, calibrate, threshold, evaluate, write $(ARTIFACTS)/model, register champion
 	$(PY) 03_serialize.py $(STAGE_ARGS)
 
-test: setup ## the test suite (unit, data, model tiers)
+serve: setup ## 04: the API under gunicorn on http://HOST:PORT (WORKERS processes); serves ARTIFACTS/model
+	$(PY) 04_serve.py --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
+test: setup ## the test suite (unit, data, model, api, integration tiers)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 benchmark: setup ## time and memory per stage on the default dataset (within BUDGET seconds)
 	$(PY) benchmarks/pipeline.py --config $(CONFIG) --budget $(BUDGET)
+
+bench-serve: setup ## API speed: /predict vs /health, /predict/batch vs raw XGBoost (installs wrk)
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=300 wrk >/dev/null; }
+	$(PY) benchmarks/serve.py --artifacts $(ARTIFACTS) --workers $(WORKERS)
 
 DATASET ?= credit_data
 BENCH_VENV ?= .venv-bench

@@ -131,8 +131,10 @@ def save_model(model_dir: Path, booster: xgb.Booster, calibrator: Calibrator, ma
     return manifest
 
 
-def load_model(model_dir: str | Path) -> Model:
-    """Load the model folder, verifying every checksum first; any problem is a RareMLError."""
+def verify_model_dir(model_dir: str | Path) -> dict:
+    """Read the manifest and check every file against its checksum, without loading the booster
+    (so a process that will fork, like gunicorn's master, can check a model and stay XGBoost-free:
+    XGBoost's thread pool does not survive a fork). Any problem is a RareMLError."""
     model_dir = Path(model_dir)
     try:
         manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
@@ -148,6 +150,13 @@ def load_model(model_dir: str | Path) -> Model:
             raise RareMLError(f"{path} is missing or does not match its checksum in the manifest")
     if set(manifest.get("files", {})) != {BOOSTER_FILE, CALIBRATOR_FILE}:
         raise RareMLError(f"{model_dir / MANIFEST_FILE} does not list the model files")
+    return manifest
+
+
+def load_model(model_dir: str | Path) -> Model:
+    """Load the model folder, verifying every checksum first; any problem is a RareMLError."""
+    manifest = verify_model_dir(model_dir)
+    model_dir = Path(model_dir)
     booster = xgb.Booster()
     booster.load_model(model_dir / BOOSTER_FILE)
     calibrator = Calibrator.from_dict(json.loads((model_dir / CALIBRATOR_FILE).read_text()))

@@ -1,11 +1,13 @@
 """The prediction log and the delayed labels, in SQLite: shared by all API workers, kept across
 restarts, and the source of every windowed signal (drift, fairness, live performance).
 
-Each prediction is one row: its id, time, model version, calibrated probability, decision, the
-encoded input row (float64 bytes, UNSEEN for a category never seen in training; the record can be
-rebuilt from it for audits and retraining) and, as JSON, the sensitive attributes that are not
-features. A label arrives later
-through `add_feedback`. WAL mode lets several processes write; each process opens its own connection.
+One row per request, however many records it scored: its key, time, model version, and as arrays
+the calibrated probabilities, the decisions and the encoded input rows (float32, what XGBoost sees;
+UNSEEN marks a category never seen in training; the records can be rebuilt from them for audits
+and retraining), plus the sensitive attributes that are not features. So a 1,000-record batch is
+one small write, not a thousand. A prediction's id is `<request key>-<position>`. A label, when it
+arrives, is stored with a copy of its prediction, so the labeled window is one table read.
+WAL mode lets several processes write; each process opens its own connection.
 """
 from __future__ import annotations
 
@@ -19,22 +21,27 @@ from pathlib import Path
 import numpy as np
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS predictions (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    ts REAL NOT NULL,
+    model_version TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    probability BLOB NOT NULL,
+    decision BLOB NOT NULL,
+    x BLOB NOT NULL,
+    extras TEXT
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY,
+    prediction_id TEXT NOT NULL UNIQUE,
+    label INTEGER NOT NULL CHECK (label IN (0, 1)),
     ts REAL NOT NULL,
     model_version TEXT NOT NULL,
     probability REAL NOT NULL,
     decision INTEGER NOT NULL,
     x BLOB NOT NULL,
     extras TEXT
-);
-CREATE INDEX IF NOT EXISTS predictions_version ON predictions (model_version, seq);
-CREATE TABLE IF NOT EXISTS feedback (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    prediction_id TEXT NOT NULL UNIQUE REFERENCES predictions (id),
-    label INTEGER NOT NULL CHECK (label IN (0, 1)),
-    ts REAL NOT NULL
 );
 """
 
@@ -50,14 +57,10 @@ class Window:
 
 
 @dataclass(frozen=True)
-class Labeled:
+class Labeled(Window):
     """The most recent predictions that received a label, newest label first."""
 
-    probability: np.ndarray
-    decision: np.ndarray
-    label: np.ndarray
-    rows: np.ndarray
-    extras: list[dict]
+    label: np.ndarray = None
 
 
 class UnknownPrediction(LookupError):
@@ -71,8 +74,8 @@ class DuplicateFeedback(ValueError):
 class Store:
     """One SQLite file; safe to use from several processes (one connection each, opened lazily)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, n_features: int):
+        self.path, self.n_features = Path(path), n_features
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
 
@@ -88,53 +91,71 @@ class Store:
         return self._conn
 
     def ping(self) -> None:
-        self.conn.execute("SELECT 1 FROM predictions LIMIT 1").fetchall()
+        self.conn.execute("SELECT 1 FROM requests LIMIT 1").fetchall()
 
-    def add_predictions(self, ids: list[str], version: str, probability: np.ndarray, decision: np.ndarray,
-                        rows: np.ndarray, extras: list[dict] | None = None) -> None:
-        now = time.time()
-        texts = [json.dumps(e) for e in extras] if extras and extras[0] else [None] * len(ids)
-        rows = np.ascontiguousarray(rows, dtype=np.float64)
-        values = list(zip(ids, [now] * len(ids), [version] * len(ids), probability.tolist(), decision.tolist(),
-                          [r.tobytes() for r in rows], texts))
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany("INSERT INTO predictions (id, ts, model_version, probability, decision, x, extras) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?)", values)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def add_predictions(self, version: str, probability: np.ndarray, decision: np.ndarray, rows: np.ndarray,
+                        extras: list[dict] | None = None) -> list[str]:
+        """Log one request's predictions; returns their ids, in order."""
+        key = os.urandom(8).hex()
+        self.conn.execute(
+            "INSERT INTO requests (key, ts, model_version, n, probability, decision, x, extras) VALUES (?, ?, ?, ?, ?, "
+            "?, ?, ?)", (key, time.time(), version, len(rows), np.asarray(probability, np.float64).tobytes(),
+                         np.asarray(decision, np.uint8).tobytes(), np.asarray(rows, np.float32).tobytes(),
+                         json.dumps(extras) if extras and extras[0] else None))
+        return [f"{key}-{i}" for i in range(len(rows))]
 
     def add_feedback(self, prediction_id: str, label: int) -> None:
+        key, _, position = prediction_id.partition("-")
+        if not position.isdigit():
+            raise UnknownPrediction(prediction_id)
+        i, width = int(position), 4 * self.n_features
+        got = self.conn.execute(
+            "SELECT model_version, n, substr(probability, ? * 8 + 1, 8), substr(decision, ? + 1, 1), "
+            "substr(x, ? * ? + 1, ?), extras FROM requests WHERE key = ?", (i, i, i, width, width, key)).fetchone()
+        if got is None or i >= got[1]:
+            raise UnknownPrediction(prediction_id)
+        version, _, p, d, x, extras = got
+        extra = json.dumps(json.loads(extras)[i]) if extras else None
         try:
-            self.conn.execute("INSERT INTO feedback (prediction_id, label, ts) SELECT id, ?, ? FROM predictions "
-                              "WHERE id = ?", (label, time.time(), prediction_id))
+            self.conn.execute("INSERT INTO feedback (prediction_id, label, ts, model_version, probability, decision, x, "
+                              "extras) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (prediction_id, label, time.time(), version,
+                                                                          float(np.frombuffer(p)[0]), d[0], x, extra))
         except sqlite3.IntegrityError:
             raise DuplicateFeedback(prediction_id) from None
-        if self.conn.execute("SELECT changes()").fetchone()[0] == 0:
-            raise UnknownPrediction(prediction_id)
 
-    def window(self, version: str, size: int, n_features: int) -> Window:
-        got = self.conn.execute("SELECT probability, decision, x, extras FROM predictions WHERE model_version = ? "
+    def window(self, version: str, size: int) -> Window:
+        """The last `size` predictions of this model version (whole requests, the oldest trimmed)."""
+        probability, decision, rows, extras, n = [], [], [], [], 0
+        cursor = self.conn.execute("SELECT n, probability, decision, x, extras FROM requests WHERE model_version = ? "
+                                   "ORDER BY seq DESC", (version,))
+        for count, p, d, x, e in cursor:
+            take = min(count, size - n)
+            probability.append(np.frombuffer(p, np.float64)[::-1][:take])
+            decision.append(np.frombuffer(d, np.uint8)[::-1][:take])
+            rows.append(np.frombuffer(x, np.float32).reshape(count, self.n_features)[::-1][:take])
+            extras.extend((json.loads(e)[::-1] if e else [{}] * count)[:take])
+            n += take
+            if n >= size:
+                break
+        cursor.close()
+        return Window(*self._stack(probability, decision, rows), extras)
+
+    def labeled(self, version: str, size: int) -> Labeled:
+        got = self.conn.execute("SELECT probability, decision, x, extras, label FROM feedback WHERE model_version = ? "
                                 "ORDER BY seq DESC LIMIT ?", (version, size)).fetchall()
-        return Window(*_columns(got, n_features))
-
-    def labeled(self, version: str, size: int, n_features: int) -> Labeled:
-        got = self.conn.execute("SELECT p.probability, p.decision, p.x, p.extras, f.label FROM feedback f JOIN "
-                                "predictions p ON p.id = f.prediction_id WHERE p.model_version = ? ORDER BY f.seq DESC "
-                                "LIMIT ?", (version, size)).fetchall()
-        probability, decision, rows, extras = _columns(got, n_features)
-        return Labeled(probability, decision, np.array([r[4] for r in got], dtype=int), rows, extras)
+        rows = np.frombuffer(b"".join(r[2] for r in got), np.float32).reshape(len(got), self.n_features)
+        return Labeled(np.array([r[0] for r in got], float), np.array([r[1] for r in got], int),
+                       rows.astype(np.float64), [json.loads(r[3]) if r[3] else {} for r in got],
+                       label=np.array([r[4] for r in got], int))
 
     def counts(self) -> dict[str, int]:
         one = self.conn.execute
-        return {"predictions": one("SELECT count(*) FROM predictions").fetchone()[0],
+        return {"requests": one("SELECT count(*) FROM requests").fetchone()[0],
+                "predictions": one("SELECT coalesce(sum(n), 0) FROM requests").fetchone()[0],
                 "feedback": one("SELECT count(*) FROM feedback").fetchone()[0]}
 
-
-def _columns(got: list[tuple], n_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
-    rows = np.frombuffer(b"".join(r[2] for r in got), dtype=np.float64).reshape(len(got), n_features)
-    return (np.array([r[0] for r in got], dtype=float), np.array([r[1] for r in got], dtype=int), rows,
-            [json.loads(r[3]) if r[3] else {} for r in got])
+    def _stack(self, probability: list, decision: list, rows: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not probability:
+            return np.empty(0), np.empty(0, int), np.empty((0, self.n_features))
+        return (np.concatenate(probability), np.concatenate(decision).astype(int),
+                np.concatenate(rows).astype(np.float64))

@@ -1,0 +1,167 @@
+"""Serving speed, measured side by side in one run on one machine:
+
+- requests/s and p50/p99 latency of POST /predict (one real record per request, cycling through
+  the test split) against a bare GET /health of the same gunicorn server (target: >= 50%);
+- rows/s of POST /predict/batch (1,000-row batches) against raw `Booster.inplace_predict` on the
+  same rows in this process (target: >= 50%).
+
+Load comes from wrk (Debian package `wrk`; `make bench-serve` installs it). The server runs as
+`make serve` runs it: `04_serve.py` under gunicorn, here on a temporary port and prediction log.
+Usage: python benchmarks/serve.py [--artifacts artifacts] [--seconds 10] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rareml.features import model_rows, to_records  # noqa: E402
+from rareml.model import load_model  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
+    deadline, last = time.monotonic() + seconds, None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError as exc:
+            last = exc
+            time.sleep(0.2)
+    raise SystemExit(f"the server did not become ready in time: {last}")
+
+
+def lua_script(path: Path, endpoint: str, bodies: list[str]) -> Path:
+    """A wrk script that POSTs the bodies in turn."""
+    items = ",\n".join(f"[==[{b}]==]" for b in bodies)
+    path.write_text(f"""local bodies = {{
+{items}
+}}
+local i = 0
+local headers = {{["Content-Type"] = "application/json"}}
+request = function()
+  i = i % #bodies + 1
+  return wrk.format("POST", "{endpoint}", headers, bodies[i])
+end
+""")
+    return path
+
+
+def wrk(url: str, seconds: int, connections: int, script: Path | None = None) -> dict:
+    cmd = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--latency", "--timeout", "10s"]
+    out = subprocess.run(cmd + (["-s", str(script)] if script else []) + [url], capture_output=True, text=True,
+                         check=True, timeout=seconds + 60).stdout
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50_ms": ms("50%"), "p99_ms": ms("99%"), "non_2xx": int(bad.group(1)) if bad else 0,
+            "socket_errors": errors.group(1) if errors else None}
+
+
+def raw_rows_per_s(model, rows: np.ndarray, seconds: float = 5) -> float:
+    """Booster.inplace_predict on the encoded rows, as the server's batch path calls it."""
+    x = model_rows(rows)
+    model.booster.inplace_predict(x)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        model.booster.inplace_predict(x)
+        n += 1
+    return n * len(x) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts", default=ROOT / "artifacts", type=Path)
+    parser.add_argument("--seconds", default=10, type=int)
+    parser.add_argument("--workers", default=2, type=int)
+    parser.add_argument("--connections", default=8, type=int)
+    parser.add_argument("--out", default=ROOT / "benchmarks" / "results", type=Path)
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("error: wrk not found: apt-get install wrk (or run `make bench-serve`)")
+    model = load_model(args.artifacts / "model")
+    test = pd.read_parquet(args.artifacts / "test.parquet").sample(frac=1.0, random_state=0)
+    records = to_records(test.head(1000), model.schema)
+    rows, _ = model.encoder.encode_many(records)
+    work = Path(tempfile.mkdtemp(prefix="rareml-bench-serve-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(work / "metrics")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "04_serve.py"), "--artifacts", str(args.artifacts),
+                             "--port", str(port), "--workers", str(args.workers), "--db", str(work / "log.db")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "w"))
+    try:
+        wait_ready(url, proc)
+        one = lua_script(work / "predict.lua", "/predict", [json.dumps(r) for r in records[:500]])
+        batch = lua_script(work / "batch.lua", "/predict/batch", [json.dumps({"records": records})])
+        wrk(url + "/health", 2, args.connections)  # warm-up
+        health = wrk(url + "/health", args.seconds, args.connections)
+        predict = wrk(url, args.seconds, args.connections, one)
+        batched = wrk(url, args.seconds, args.workers, batch)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    raw = raw_rows_per_s(model, rows)
+    batch_rows = batched["requests_per_s"] * len(records)
+    result = {
+        "model_version": model.version, "trees": model.booster.num_boosted_rounds(), "workers": args.workers,
+        "connections": args.connections, "seconds": args.seconds,
+        "machine": f"{platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "health": health, "predict": predict, "batch": batched | {"rows_per_s": batch_rows},
+        "raw_inplace_predict_rows_per_s": raw,
+        "predict_vs_health": predict["requests_per_s"] / health["requests_per_s"],
+        "batch_vs_raw": batch_rows / raw}
+    shutil.rmtree(work, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = (f"# Serving speed ({time.strftime('%Y-%m-%d')}, {result['machine']})\n\n"
+             f"Model {model.version}: {result['trees']} trees; gunicorn with {args.workers} sync workers; "
+             f"wrk with {args.connections} connections (batch: {args.workers}), {args.seconds} s per row; "
+             "server and load share the machine.\n\n"
+             "| endpoint | requests/s | p50 ms | p99 ms | non-2xx |\n|---|---|---|---|---|\n" +
+             "".join(f"| {name} | {r['requests_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['non_2xx']} |\n"
+                     for name, r in (("GET /health", health), ("POST /predict", predict),
+                                     ("POST /predict/batch (1,000 rows)", batched))) +
+             f"\n- /predict vs /health throughput: **{result['predict_vs_health']:.2f}x** (target >= 0.5)\n"
+             f"- /predict/batch {batch_rows:,.0f} rows/s vs raw inplace_predict {raw:,.0f} rows/s: "
+             f"**{result['batch_vs_raw']:.2f}x** (target >= 0.5)\n")
+    (args.out / "serve.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""RecordEncoder (the API's per-record path) against to_frame (the training path): same numbers for
+any valid record, and one precise InputError for each kind of bad one."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rareml.errors import InputError
+from rareml.features import CATEGORICAL, NUMERIC, UNSEEN, Feature, RecordEncoder, Schema, model_rows, to_frame
+
+SCHEMA = Schema(
+    features=(Feature("age", NUMERIC, min=0, max=90), Feature("code", CATEGORICAL, categories=("1", "10", "2", "7.5")),
+              Feature("income", NUMERIC), Feature("job", CATEGORICAL, categories=("clerk", "manager", "true"))),
+    target="y", positive=1, sensitive=("sex", "job"))  # sex: recorded beside the row; job: a feature
+ENCODER = RecordEncoder(SCHEMA)
+NUMERIC_NAMES = [f.name for f in SCHEMA.features if f.kind == NUMERIC]
+CATEGORICAL_NAMES = [f.name for f in SCHEMA.features if f.kind == CATEGORICAL]
+
+
+def valid() -> dict:
+    return {"age": 31, "code": "10", "income": 1234.5, "job": "clerk"}
+
+
+def frame_codes(records: list[dict]) -> np.ndarray:
+    """The training path: to_frame, categoricals replaced by their codes, NaN for missing or unseen."""
+    frame = to_frame(pd.DataFrame.from_records(records), SCHEMA)
+    return np.column_stack([frame[c].cat.codes.astype(float).where(frame[c].notna()).to_numpy()
+                            if frame[c].dtype == "category" else frame[c].to_numpy(dtype=float) for c in frame])
+
+
+# -1 is left out here: see test_a_numeric_minus_one_is_a_number_not_missing (a bug, xfail)
+numbers = st.one_of(st.none(), st.integers(-(2**53), 2**53), st.floats(allow_nan=False, allow_infinity=False),
+                    st.sampled_from([0, -0.0, 1e308, -1e-308, 5e-324, -2, -0.5])).filter(lambda v: v != -1)
+levels = st.one_of(
+    st.none(),
+    st.sampled_from(["1", "10", "2", "7.5", "clerk", "manager", "true"]),  # known (in one feature or the other)
+    st.sampled_from(["01", "1.0", "10.0", " 1", "Clerk", "", "3", "false", "nan", "None", "7.50"]),  # unseen strings
+    st.text(max_size=5),
+    st.sampled_from([1, 10, 2, 3, 0, -1, 1.0, 10.0, 7.5, 2.5, -0.0, 1e20, True, False]),  # numbers for numeric-looking levels
+    st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False))
+sexes = st.one_of(st.none(), st.sampled_from(["F", "M", "x"]), st.integers(0, 3))
+
+
+@st.composite
+def records(draw) -> dict:
+    record = {name: draw(numbers) for name in NUMERIC_NAMES} | {name: draw(levels) for name in CATEGORICAL_NAMES}
+    if draw(st.booleans()):
+        record["sex"] = draw(sexes)
+    keys = draw(st.permutations(list(record)))  # key order must not matter
+    return {k: record[k] for k in keys}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(records(), min_size=1, max_size=6))
+def test_encoder_gives_the_numbers_of_the_training_path(batch):
+    rows, extras = ENCODER.encode_many(batch)
+    assert rows.shape == (len(batch), len(SCHEMA.features)) and rows.dtype == np.float64
+    expected = frame_codes(batch)
+    np.testing.assert_array_equal(model_rows(rows), expected)
+    # UNSEEN marks exactly the values that are present but not a training level
+    present = np.array([[r[f.name] is not None for f in SCHEMA.features] for r in batch])
+    is_cat = np.array([f.kind == CATEGORICAL for f in SCHEMA.features])
+    np.testing.assert_array_equal(rows == UNSEEN, present & is_cat & np.isnan(expected))
+    assert extras == [{"sex": r.get("sex")} for r in batch]
+    for record, row in zip(batch, rows):
+        one, extra = ENCODER.encode(record)
+        np.testing.assert_array_equal(one, row)
+        assert extra == {"sex": record.get("sex")}
+
+
+@pytest.mark.parametrize(("value", "code"), [("1", 0), (1, 0), (1.0, 0), ("10", 1), (10, 1), (10.0, 1), (2, 2),
+                                             ("7.5", 3), (7.5, 3), (None, math.nan), ("01", UNSEEN), ("1.0", UNSEEN),
+                                             (3, UNSEEN), (2.5, UNSEEN), (True, UNSEEN), (10**400, UNSEEN)])
+def test_numeric_looking_levels(value, code):
+    row, _ = ENCODER.encode(valid() | {"code": value})
+    np.testing.assert_array_equal(row[1], code)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: model_rows maps every -1.0 to NaN, numeric values too (UNSEEN is -1.0), "
+                   "so a numeric -1 is scored as missing (and the API counts it as an unseen category)")
+@pytest.mark.parametrize("value", [-1, -1.0])
+def test_a_numeric_minus_one_is_a_number_not_missing(value):
+    record = valid() | {"income": value}
+    row, _ = ENCODER.encode(record)
+    assert row[2] == -1.0
+    np.testing.assert_array_equal(model_rows(row[None]), frame_codes([record]))
+
+
+def test_a_bool_is_its_lowercase_level_as_in_training():
+    row, _ = ENCODER.encode(valid() | {"job": True})
+    assert row[3] == 2.0  # "true"
+    assert to_frame([valid() | {"job": True}], SCHEMA)["job"].cat.codes[0] == 2
+
+
+def test_sensitive_attribute_beside_the_features_is_allowed_and_returned():
+    row, extras = ENCODER.encode(valid() | {"sex": "F"})
+    assert extras == {"sex": "F"}
+    np.testing.assert_array_equal(row, [31, 1, 1234.5, 0])
+    assert ENCODER.encode(valid())[1] == {"sex": None}  # optional
+    assert RecordEncoder(Schema(SCHEMA.features, "y", 1)).encode(valid())[1] == {}
+
+
+BAD = [
+    ("missing numeric", lambda r: r.pop("age"), "missing_field", "age"),
+    ("missing categorical", lambda r: r.pop("job"), "missing_field", "job"),
+    ("extra field", lambda r: r.update(height=180), "extra_field", "height"),
+    ("extra field among sensitive", lambda r: r.update(sex="F", zzz=1), "extra_field", "zzz"),
+    ("target is not an input", lambda r: r.update(y=1), "extra_field", "y"),
+    ("string for numeric", lambda r: r.update(age="31"), "wrong_type", "age"),
+    ("bool for numeric", lambda r: r.update(income=True), "wrong_type", "income"),
+    ("list for numeric", lambda r: r.update(age=[31]), "wrong_type", "age"),
+    ("dict for numeric", lambda r: r.update(income={"v": 1}), "wrong_type", "income"),
+    ("list for categorical", lambda r: r.update(code=["1"]), "wrong_type", "code"),
+    ("dict for categorical", lambda r: r.update(job={"name": "clerk"}), "wrong_type", "job"),
+    ("NaN numeric", lambda r: r.update(age=math.nan), "non_finite", "age"),
+    ("inf numeric", lambda r: r.update(income=math.inf), "non_finite", "income"),
+    ("-inf numeric", lambda r: r.update(income=-math.inf), "non_finite", "income"),
+    ("NaN categorical", lambda r: r.update(code=math.nan), "non_finite", "code"),
+    ("inf categorical", lambda r: r.update(code=math.inf), "non_finite", "code"),
+    ("huge int numeric", lambda r: r.update(age=10**400), "non_finite", "age"),
+    ("huge negative int numeric", lambda r: r.update(income=-(10**400)), "non_finite", "income"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "reason", "field"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_records_are_refused_with_the_field_and_reason(mutate, reason, field):
+    record = valid()
+    mutate(record)
+    with pytest.raises(InputError) as caught:
+        ENCODER.encode(record)
+    assert (caught.value.reason, caught.value.field) == (reason, field)
+    assert repr(field) in str(caught.value) and not str(caught.value).startswith("records[")
+
+
+@pytest.mark.parametrize("record", [[], "text", 3, None, ["age", 31]])
+def test_a_record_must_be_an_object(record):
+    with pytest.raises(InputError) as caught:
+        ENCODER.encode(record)
+    assert caught.value.reason == "not_an_object" and caught.value.field is None
+
+
+def test_several_extra_fields_name_the_first_and_count_the_rest():
+    with pytest.raises(InputError, match=r"unknown field 'a' \(and 2 more\)") as caught:
+        ENCODER.encode(valid() | {"c": 1, "a": 1, "b": 1})
+    assert caught.value.field == "a"
+
+
+@pytest.mark.parametrize(("mutate", "reason", "field"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_batch_errors_name_the_record(mutate, reason, field):
+    bad = valid()
+    mutate(bad)
+    with pytest.raises(InputError) as caught:
+        ENCODER.encode_many([valid(), valid(), bad, valid()])
+    assert str(caught.value).startswith("records[2]: ")
+    assert (caught.value.reason, caught.value.field) == (reason, field)
+
+
+def test_batch_with_a_non_object_names_the_record():
+    with pytest.raises(InputError) as caught:
+        ENCODER.encode_many([valid(), "x"])
+    assert str(caught.value).startswith("records[1]") and caught.value.reason == "not_an_object"
+
+
+def test_empty_batch_is_an_empty_matrix():
+    rows, extras = ENCODER.encode_many([])
+    assert rows.shape == (0, len(SCHEMA.features)) and extras == []
