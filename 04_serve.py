@@ -64,6 +64,7 @@ class Metrics:
         self.latency = Histogram("rareml_request_latency_seconds", "Request latency", ["endpoint"],
                                  buckets=LATENCY_BUCKETS, **reg)
         self.predictions = Counter("rareml_predictions", "Predictions by decision", ["decision"], **reg)
+        self.negatives, self.positives = self.predictions.labels("0"), self.predictions.labels("1")
         self.probability = Histogram("rareml_predicted_probability", "Calibrated probability of each prediction",
                                      buckets=PROBABILITY_BUCKETS, **reg)
         self.feedback = Counter("rareml_feedback", "Delayed labels received", ["label"], **reg)
@@ -194,8 +195,8 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
         decision = (probability >= threshold).astype(int)
         ids = store.add_predictions(version, probability, decision, rows, extras)
         positives = int(decision.sum())
-        metrics.predictions.labels("1").inc(positives) if positives else None
-        metrics.predictions.labels("0").inc(len(rows) - positives) if positives < len(rows) else None
+        metrics.positives.inc(positives)
+        metrics.negatives.inc(len(rows) - positives)
         observe_many(metrics.probability, probability)
         return [{"probability": p, "decision": d, "threshold": threshold, "model_version": version,
                  "prediction_id": i} for p, d, i in zip(probability.tolist(), decision.tolist(), ids)]
@@ -294,11 +295,16 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
     def start_timer():
         g.started = time.perf_counter()
 
+    children: dict[tuple[str, int], tuple] = {}  # labelled metrics, looked up once per endpoint and status
+
     @app.after_request
     def count(response: Response) -> Response:
-        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        key = (request.url_rule.rule if request.url_rule else "unmatched", response.status_code)
+        if key not in children:
+            children[key] = (metrics.requests.labels(key[0], str(key[1])), metrics.latency.labels(key[0]))
+        requests_, latency = children[key]
+        requests_.inc()
+        latency.observe(time.perf_counter() - g.get("started", time.perf_counter()))
         return response
 
     @app.errorhandler(ApiError)
