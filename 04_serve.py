@@ -12,8 +12,8 @@ import argparse
 import fcntl
 import logging
 import math
-import re
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -29,7 +29,6 @@ from werkzeug.exceptions import HTTPException
 from rareml import monitoring
 from rareml.cli import run
 from rareml.errors import InputError, RareMLError
-from rareml.features import UNSEEN, model_rows
 from rareml.model import Model, load_model, verify_model_dir
 from rareml.store import DuplicateFeedback, Store, UnknownPrediction
 
@@ -127,7 +126,7 @@ class Metrics:
         return generate_latest(registry)
 
 
-def read_body(max_items: int | None = None) -> object:
+def read_body() -> object:
     """The request's JSON body, or an ApiError naming what is wrong with it."""
     if request.mimetype != "application/json":
         raise ApiError(415, "wrong_content_type", f"Content-Type must be application/json, got "
@@ -186,12 +185,12 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
 
     def score(rows: np.ndarray, extras: list[dict]) -> list[dict]:
-        unseen = rows == UNSEEN
+        unseen = encoder.unseen(rows)
         if unseen.any():
             for name, count in zip(names, unseen.sum(axis=0)):
                 if count:
                     metrics.unseen.labels(name).inc(int(count))
-        probability = model.predict_rows(model_rows(rows))
+        probability = model.predict_rows(encoder.model_rows(rows))
         decision = (probability >= threshold).astype(int)
         ids = store.add_predictions(version, probability, decision, rows, extras)
         positives = int(decision.sum())
@@ -202,7 +201,7 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
                  "prediction_id": i} for p, d, i in zip(probability.tolist(), decision.tolist(), ids)]
 
     def explain(row: np.ndarray, record: dict, top: int) -> dict:
-        contributions = model.contributions_rows(model_rows(row[None]))[0]
+        contributions = model.contributions_rows(encoder.model_rows(row[None]))[0]
         order = np.argsort(-np.abs(contributions[:-1]))[:top]
         return {"bias": float(contributions[-1]), "top": [
             {"feature": names[i], "value": record.get(names[i]), "contribution": float(contributions[i])}
@@ -210,11 +209,13 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
 
     @app.post("/predict")
     def predict():
+        explained = request.args.get("explain", "").lower() in ("1", "true", "yes")
+        top = _top(request.args.get("top", "10"))
         record = read_body()
         row, extras = encoder.encode(record)
         result = score(row[None], [extras])[0]
-        if request.args.get("explain", "").lower() in ("1", "true", "yes"):
-            result["explanation"] = explain(row, record, _top(request.args.get("top", "10")))
+        if explained:
+            result["explanation"] = explain(row, record, top)
         return result
 
     @app.post("/predict/batch")
@@ -239,7 +240,7 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
         pid, label = body.get("prediction_id"), body.get("label")
         if not isinstance(pid, str):
             raise ApiError(422, "wrong_type", "prediction_id must be the string /predict returned", "prediction_id")
-        if label not in (0, 1) or isinstance(label, float):
+        if type(label) is not int or label not in (0, 1):
             raise ApiError(422, "wrong_type", "label must be 0 or 1", "label")
         try:
             store.add_feedback(pid, int(label))

@@ -32,8 +32,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rareml.features import model_rows, to_records  # noqa: E402
-from rareml.model import load_model  # noqa: E402
+from rareml.features import to_records
+from rareml.model import load_model
 
 
 def free_port() -> int:
@@ -79,7 +79,7 @@ def wrk(url: str, seconds: int, connections: int, script: Path | None = None) ->
                          check=True, timeout=seconds + 60).stdout
 
     def ms(label: str) -> float:
-        value, unit = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        value, unit = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE).groups()
         return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -91,7 +91,7 @@ def wrk(url: str, seconds: int, connections: int, script: Path | None = None) ->
 
 def raw_rows_per_s(model, rows: np.ndarray, seconds: float = 5) -> float:
     """Booster.inplace_predict on the encoded rows, as the server's batch path calls it."""
-    x = model_rows(rows)
+    x = model.encoder.model_rows(rows)
     model.booster.inplace_predict(x)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -120,7 +120,7 @@ def main() -> None:
     env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(work / "metrics")}
     proc = subprocess.Popen([sys.executable, str(ROOT / "04_serve.py"), "--artifacts", str(args.artifacts),
                              "--port", str(port), "--workers", str(args.workers), "--db", str(work / "log.db")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "w"))
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "w"))  # noqa: SIM115  # noqa: SIM115 (open while the server runs)
     try:
         wait_ready(url, proc)
         one = lua_script(work / "predict.lua", "/predict", [json.dumps(r) for r in records[:500]])

@@ -117,6 +117,7 @@ class RecordEncoder:
         for lookup in self.lookups:
             if lookup is not None:
                 lookup[None] = math.nan
+        self.categorical = np.array([f.kind == CATEGORICAL for f in schema.features])
         self.allowed = set(self.names) | set(schema.sensitive)
         self.extras = [a for a in schema.sensitive if a not in self.names]  # recorded, not model input
 
@@ -124,7 +125,7 @@ class RecordEncoder:
         """One record -> (row with UNSEEN for unknown levels, values of the sensitive attributes
         that are not features)."""
         if not isinstance(record, dict):
-            raise InputError(f"{where or 'the body'} must be a JSON object of feature values", "not_an_object")
+            raise InputError(f"{where or 'the body '}must be a JSON object of feature values", "not_an_object")
         if len(record) > len(self.names) or not self.allowed.issuperset(record):
             extra = sorted(set(record) - self.allowed)
             if extra:
@@ -139,6 +140,14 @@ class RecordEncoder:
                                  "missing_field", name) from None
             row[i] = _number(value, name, where) if codes is None else _code(value, codes, name, where)
         return row, {a: record.get(a) for a in self.extras}
+
+    def unseen(self, rows: np.ndarray) -> np.ndarray:
+        """Where encoded rows hold a category level never seen in training."""
+        return (rows == UNSEEN) & self.categorical
+
+    def model_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Encoded rows as the model sees them: an unseen level is missing."""
+        return np.where(self.unseen(rows), np.nan, rows)
 
     def encode_many(self, records: list) -> tuple[np.ndarray, list[dict[str, object]]]:
         """Many records -> rows, column by column (a batch path ~5x faster than `encode` per record);
@@ -174,15 +183,14 @@ def _fast_column(column: list, lookup: _Levels | None) -> np.ndarray | list | No
             values = np.array(column, dtype=np.float64)  # None -> NaN
         except OverflowError:
             return None
-        return None if np.isinf(values).any() else values
+        finite = np.abs(values) <= FLOAT32_MAX  # False for NaN, inf and what float32 cannot hold
+        return values if finite.all() or (~finite).sum() == column.count(None) else None
     if lookup is not None and kinds <= {str, type(None)}:
         return list(map(lookup.__getitem__, column))
     return None
 
 
-def model_rows(rows: np.ndarray) -> np.ndarray:
-    """Encoded rows as the model sees them: an unseen level is missing."""
-    return np.where(rows == UNSEEN, np.nan, rows)
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # XGBoost reads input as float32: beyond this it is infinite
 
 
 def _number(value: object, name: str, where: str) -> float:
@@ -197,6 +205,9 @@ def _number(value: object, name: str, where: str) -> float:
         number = math.inf
     if not math.isfinite(number):
         raise InputError(f"{where}field {name!r} must be finite (send null for an unknown value)", "non_finite", name)
+    if abs(number) > FLOAT32_MAX:
+        raise InputError(f"{where}field {name!r} is out of range: the model reads numbers as 32-bit floats "
+                         f"(at most {FLOAT32_MAX:.4g} in size)", "out_of_range", name)
     return number
 
 

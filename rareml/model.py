@@ -88,12 +88,12 @@ class Model:
 
     def contributions(self, data: pd.DataFrame | Iterable[Mapping]) -> np.ndarray:
         """Per-feature contributions to the raw log-odds (SHAP values; last column = bias)."""
-        return self.booster.predict(self.dmatrix(data), pred_contribs=True)
+        return self.booster.predict(self.dmatrix(data), pred_contribs=True, iteration_range=(0, _n_trees(self.booster)))
 
     def dmatrix(self, data: pd.DataFrame | Iterable[Mapping]) -> xgb.DMatrix:
         return dmatrix(to_frame(data, self.schema), encoding=self.encoding)
 
-    # The serving path: rows already encoded by `encoder` (see rareml.features.model_rows).
+    # The serving path: rows encoded by `encoder` (rareml.features.RecordEncoder.model_rows).
     SMALL = 32  # up to this many rows the compiled trees beat XGBoost's per-call overhead
 
     @cached_property

@@ -10,6 +10,8 @@ rounding). `Model` uses it for small inputs and XGBoost for batches; tests hold 
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 from dataclasses import dataclass
 
@@ -57,7 +59,7 @@ class TreeEnsemble:
         columns = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         columns["children"] = np.stack([columns.pop("right"), columns.pop("left")], axis=1).ravel()
         return cls(roots=np.array([0] + [len(p["split"]) for p in parts[:-1]]).cumsum(), **columns,
-                   in_set=in_set, depth=depth, base_margin=np.float32(np.log(base / (1 - base))))
+                   in_set=in_set, depth=depth, base_margin=_prob_to_margin(base))
 
     def margin(self, X: np.ndarray) -> np.ndarray:
         """Raw log-odds for rows of model input (float32-able, NaN for missing)."""
@@ -102,6 +104,18 @@ class TreeEnsemble:
         """Probabilities, computed as XGBoost does: 1 / (1 + expf(-margin)) in float32."""
         e = np.exp(-self.margin(X).astype(np.float64)).astype(np.float32)
         return np.float32(1.0) / (e + np.float32(1.0))
+
+
+def _prob_to_margin(base: float) -> np.float32:
+    """XGBoost's base margin for a logistic objective: -logf(1.0f / base - 1.0f) in float32, with
+    the C library's logf where it can be found (numpy's float32 log can differ in the last bit)."""
+    x = np.float32(1.0) / np.float32(base) - np.float32(1.0)
+    try:
+        logf = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6").logf
+        logf.restype, logf.argtypes = ctypes.c_float, [ctypes.c_float]
+        return np.float32(-logf(float(x)))
+    except (OSError, AttributeError):
+        return np.float32(-np.log(x))
 
 
 def _flatten(tree: dict, offset: int, set_offset: int) -> tuple[dict[str, np.ndarray], list[list[int]], int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -63,6 +64,9 @@ class Labeled(Window):
     label: np.ndarray = None
 
 
+_PREDICTION_ID = re.compile(r"([0-9a-f]{16})-(0|[1-9][0-9]{0,8})")
+
+
 class UnknownPrediction(LookupError):
     pass
 
@@ -87,11 +91,19 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
-            self._conn, self._pid = conn, os.getpid()
+            self._conn, self._pid, self._inode = conn, os.getpid(), self.path.stat().st_ino
         return self._conn
 
     def ping(self) -> None:
+        """Raise unless the log is readable and still the file this process writes to (a file
+        deleted or replaced under a running server would swallow predictions)."""
         self.conn.execute("SELECT 1 FROM requests LIMIT 1").fetchall()
+        try:
+            same = self.path.stat().st_ino == self._inode
+        except OSError:
+            same = False
+        if not same:
+            raise OSError(f"{self.path} was deleted or replaced while in use: restart the server")
 
     def add_predictions(self, version: str, probability: np.ndarray, decision: np.ndarray, rows: np.ndarray,
                         extras: list[dict] | None = None) -> list[str]:
@@ -105,10 +117,12 @@ class Store:
         return [f"{key}-{i}" for i in range(len(rows))]
 
     def add_feedback(self, prediction_id: str, label: int) -> None:
-        key, _, position = prediction_id.partition("-")
-        if not position.isdigit():
+        if label not in (0, 1):
+            raise ValueError(f"label must be 0 or 1, got {label!r}")
+        match = _PREDICTION_ID.fullmatch(prediction_id)
+        if match is None:  # one spelling per prediction: no '-01' alias of '-1'
             raise UnknownPrediction(prediction_id)
-        i, width = int(position), 4 * self.n_features
+        key, i, width = match[1], int(match[2]), 4 * self.n_features
         got = self.conn.execute(
             "SELECT model_version, n, substr(probability, ? * 8 + 1, 8), substr(decision, ? + 1, 1), "
             "substr(x, ? * ? + 1, ?), extras FROM requests WHERE key = ?", (i, i, i, width, width, key)).fetchone()

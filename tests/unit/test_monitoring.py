@@ -66,8 +66,8 @@ def test_psi_is_non_negative_symmetric_and_zero_only_for_equal_shares(pair):
     value = psi(e, a)
     assert math.isfinite(value) and value >= 0
     assert value == pytest.approx(psi(a, e), rel=1e-12, abs=1e-15)
-    floored = lambda v: np.maximum(v, monitoring.MIN_SHARE)  # noqa: E731 (shares below the floor are the floor)
-    if np.any(np.abs(floored(e) - floored(a)) > 1e-6):
+    floor = monitoring.MIN_SHARE  # shares below the floor count as the floor
+    if np.any(np.abs(np.maximum(e, floor) - np.maximum(a, floor)) > 1e-6):
         assert value > 0
     else:
         assert value < 1e-9

@@ -88,7 +88,7 @@ def assert_matches_xgboost(ensemble: TreeEnsemble, booster: xgb.Booster, X: np.n
     rounds = (0, n_trees)
     np.testing.assert_allclose(ensemble.predict(X), booster.inplace_predict(X, iteration_range=rounds),
                                rtol=1e-6, atol=1e-9)
-    # The tree walk and the float32 sum are bit-exact (given XGBoost's base margin: see the xfail test below).
+    # The tree walk and the float32 sum are bit-exact (the base margin too: see test_base_margin_is_bit_identical_to_xgboost).
     exact = dataclasses.replace(ensemble, base_margin=xgb_base_margin(booster))
     np.testing.assert_array_equal(exact.margin(X), booster.inplace_predict(X, predict_type="margin",
                                                                           iteration_range=rounds))
@@ -112,7 +112,7 @@ def test_compiled_trees_predict_as_xgboost(name):
 def test_single_rows_and_one_dimensional_input(name):
     c = case(name)
     ensemble = TreeEnsemble.from_booster(c.booster)
-    for row in c.query[:5]:
+    for row in c.query[::10]:
         assert ensemble.predict(row).shape == (1,)
         np.testing.assert_allclose(ensemble.predict(row), c.booster.inplace_predict(row[None]), rtol=1e-6, atol=1e-9)
 
@@ -147,24 +147,60 @@ def test_category_codes_beyond_the_known_levels_match_xgboost(name, code):
     assert_matches_xgboost(TreeEnsemble.from_booster(c.booster), c.booster, X)
 
 
-def _split_values(name: str) -> list[float]:
-    ensemble = TreeEnsemble.from_booster(case(name).booster)
-    internal = ensemble.left != np.arange(ensemble.left.size)
-    return sorted(set(ensemble.split[internal & (ensemble.category_row < 0)].astype(float).tolist()))
+def _splits(name: str) -> list[tuple[int, int, float]]:
+    """(tree, feature, value) of every numeric split, read from XGBoost's own JSON dump; roots first."""
+    trees = json.loads(case(name).booster.save_raw("json"))["learner"]["gradient_booster"]["model"]["trees"]
+    found = []
+    for t, tree in enumerate(trees):
+        categorical = set(tree.get("categories_nodes", []))
+        found += [(t, f, v) for node, (left, f, v) in enumerate(zip(tree["left_children"], tree["split_indices"],
+                                                                    tree["split_conditions"]))
+                  if left != -1 and node not in categorical]
+    return found
+
+
+def _near(value: float) -> list[float]:
+    """The value, its float32 neighbours, and float64 values that round onto it in float32."""
+    v32 = np.float32(value)
+    return [value, float(np.nextafter(v32, np.float32(np.inf))), float(np.nextafter(v32, np.float32(-np.inf))),
+            value + abs(value) * 1e-9, value - abs(value) * 1e-9]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_values_on_and_next_to_each_root_split(name):
+    """Every tree's root is visited, so a row holding its split value tests `x < split` exactly there."""
+    c = case(name)
+    ensemble = TreeEnsemble.from_booster(c.booster)
+    trees = json.loads(c.booster.save_raw("json"))["learner"]["gradient_booster"]["model"]["trees"]
+    roots = [(tree["split_indices"][0], tree["split_conditions"][0]) for tree in trees
+             if tree["left_children"][0] != -1 and 0 not in tree.get("categories_nodes", [])]
+    assert roots
+    X = []
+    for f, v in roots:
+        for value in _near(v):
+            for base in c.query[:3]:
+                row = base.copy()
+                row[f] = value
+                X.append(row)
+    X = np.array(X)
+    assert_matches_xgboost(ensemble, c.booster, X)
+    for row in X[::3]:
+        assert_matches_xgboost(ensemble, c.booster, row[None])
 
 
 def rows(name: str):
-    """Rows whose values sit on, next to and between the split points (float64 that may round onto
-    them in float32), missing, or (categorical columns) any code, known or not."""
+    """Rows whose values sit on, next to and between the split points of their column (float64 that
+    may round onto them in float32), missing, or (categorical columns) any code, known or not."""
     c = case(name)
-    splits = _split_values(name)
-    near = st.sampled_from(splits).flatmap(lambda s: st.sampled_from([
-        s, float(np.nextafter(np.float32(s), np.float32(np.inf))), float(np.nextafter(np.float32(s), np.float32(-np.inf))),
-        s + abs(s) * 1e-9, s - abs(s) * 1e-9]))
-    numeric = st.one_of(near, st.just(np.nan), st.floats(-1e6, 1e6), st.integers(-300, 300).map(float))
+    by_feature = {}
+    for _, f, v in _splits(name):
+        by_feature.setdefault(f, set()).add(v)
+    def numeric(j):
+        near = st.sampled_from(sorted(by_feature.get(j, {0.0}))).flatmap(lambda v: st.sampled_from(_near(v)))
+        return st.one_of(near, near, st.just(np.nan), st.floats(-1e6, 1e6), st.integers(-300, 300).map(float))
     code = st.one_of(st.integers(0, N_LEVELS - 1).map(float), st.just(np.nan), st.integers(N_LEVELS, 2000).map(float))
     width = c.query.shape[1]
-    return st.lists(st.tuples(*[code if j in c.categorical else numeric for j in range(width)]), min_size=1,
+    return st.lists(st.tuples(*[code if j in c.categorical else numeric(j) for j in range(width)]), min_size=1,
                     max_size=20).map(lambda r: np.array(r, dtype=float))
 
 
@@ -176,6 +212,8 @@ def test_property_any_rows_match_xgboost(name):
     @given(rows(name))
     def check(X):
         assert_matches_xgboost(ensemble, booster, X)
+        for row in X[:8]:  # one row at a time takes its own path
+            assert_matches_xgboost(ensemble, booster, row[None])
 
     check()
 
@@ -188,9 +226,6 @@ def test_unsupported_objectives_are_refused(objective):
         TreeEnsemble.from_booster(booster)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: from_booster computes the base margin in float64 "
-                   "(log(b / (1 - b))); XGBoost computes -logf(1.0f / b - 1.0f) in float32, so the "
-                   "margin is off by one float32 ulp for most base scores")
 def test_base_margin_is_bit_identical_to_xgboost():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(50, 2))
