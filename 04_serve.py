@@ -131,7 +131,7 @@ def read_body() -> object:
     if request.mimetype != "application/json":
         raise ApiError(415, "wrong_content_type", f"Content-Type must be application/json, got "
                        f"{request.mimetype or 'none'!r}")
-    raw = request.get_data(cache=False)
+    raw = _body_bytes()
     if not raw.strip():
         raise ApiError(400, "empty_body", "the request body is empty: send a JSON object")
     try:
@@ -141,6 +141,20 @@ def read_body() -> object:
             raise ApiError(422, "non_finite", "NaN and infinite numbers are not allowed: send null for an unknown "
                            "value") from None
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+
+
+def _body_bytes() -> bytes:
+    """The raw body. gunicorn's wsgi.input reads a body 1 KiB at a time with a buffer copy each
+    time (7 ms of a 1,000-record batch); its length reader underneath takes the whole body in one
+    call. Anything else (the Flask test client, another server) goes through Flask."""
+    reader = getattr(request.environ.get("wsgi.input"), "reader", None)
+    length = request.content_length
+    if type(reader).__name__ == "LengthReader" and length is not None and length <= MAX_BODY:
+        data = reader.read(length)
+        if len(data) == length:
+            return data
+        raise ApiError(400, "incomplete_body", f"the body ended after {len(data)} of {length} bytes")
+    return request.get_data(cache=False)
 
 
 NON_FINITE = re.compile(rb"(?<![\w\"])-?(NaN|Infinity)(?![\w\"])")
@@ -172,9 +186,13 @@ def observe_many(histogram, values: np.ndarray) -> None:
 
 
 def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "artifacts/serving/predictions.db",
-               window: int = WINDOW, refresh: float = 5.0, max_batch: int = MAX_BATCH) -> Flask:
-    """The API over one verified model folder (a RareMLError if it is missing or corrupt)."""
+               window: int = WINDOW, refresh: float = 5.0, max_batch: int = MAX_BATCH, threads: int | None = None) -> Flask:
+    """The API over one verified model folder (a RareMLError if it is missing or corrupt).
+    `threads`: XGBoost threads per batch prediction; with several workers, cores / workers, so
+    that concurrent batches share the cores instead of fighting over them."""
     model = load_model(model_dir)
+    if threads:
+        model.booster.set_param({"nthread": threads})
     encoder, store, metrics = model.encoder, Store(db, len(model.schema.names)), Metrics(model)
     threshold, version = model.threshold, model.version
     names = np.array(model.schema.names)
@@ -190,13 +208,16 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
             for name, count in zip(names, unseen.sum(axis=0)):
                 if count:
                     metrics.unseen.labels(name).inc(int(count))
-        probability = model.predict_rows(encoder.model_rows(rows))
+        probability = model.predict_rows(np.where(unseen, np.nan, rows) if unseen.any() else rows)
         decision = (probability >= threshold).astype(int)
         ids = store.add_predictions(version, probability, decision, rows, extras)
         positives = int(decision.sum())
         metrics.positives.inc(positives)
         metrics.negatives.inc(len(rows) - positives)
-        observe_many(metrics.probability, probability)
+        if len(probability) == 1:
+            metrics.probability.observe(float(probability[0]))
+        else:
+            observe_many(metrics.probability, probability)
         return [{"probability": p, "decision": d, "threshold": threshold, "model_version": version,
                  "prediction_id": i} for p, d, i in zip(probability.tolist(), decision.tolist(), ids)]
 
@@ -381,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     log.info("serving model %s from %s on http://%s:%d with %d workers (prediction log %s)", manifest["model_version"],
              model_dir, args.host, args.port, args.workers, db)
-    _gunicorn(lambda: create_app(model_dir, db, args.window, args.refresh), {
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    _gunicorn(lambda: create_app(model_dir, db, args.window, args.refresh, threads=threads), {
         "bind": f"{args.host}:{args.port}", "workers": args.workers, "worker_class": "sync", "timeout": 60,
         "child_exit": _child_exit, "accesslog": None, "errorlog": "-", "loglevel": "info",
         "proc_name": "rareml-serve", "control_socket_disable": True}).run()

@@ -5,7 +5,9 @@ JSON records, which validates each value and gives the same numbers (tests hold 
 """
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
@@ -119,6 +121,8 @@ class RecordEncoder:
                 lookup[None] = math.nan
         self.categorical = np.array([f.kind == CATEGORICAL for f in schema.features])
         self.allowed = set(self.names) | set(schema.sensitive)
+        self._exact = frozenset(self.names)
+        self._getter = operator.itemgetter(*self.names) if len(self.names) > 1 else lambda r: (r[self.names[0]],)
         self.extras = [a for a in schema.sensitive if a not in self.names]  # recorded, not model input
 
     def encode(self, record: object, where: str = "") -> tuple[np.ndarray, dict[str, object]]:
@@ -150,21 +154,25 @@ class RecordEncoder:
         return np.where(self.unseen(rows), np.nan, rows)
 
     def encode_many(self, records: list) -> tuple[np.ndarray, list[dict[str, object]]]:
-        """Many records -> rows, column by column (a batch path ~5x faster than `encode` per record);
-        any record that is not plainly valid goes through `encode`, which names the problem."""
-        names = self.names
-        exact = frozenset(names)
-        for i, record in enumerate(records):
-            if type(record) is not dict or record.keys() != exact:
-                self.encode(record, where=f"records[{i}]: ")  # raises, or passes (sensitive extras)
-        rows = np.empty((len(records), len(names)), dtype=np.float64)
-        for j, (name, codes) in enumerate(zip(names, self.lookups)):
-            column = [record[name] for record in records]
-            values = _fast_column(column, codes)
-            if values is None:  # value by value: raises for the first bad one, naming it
-                values = [_number(v, name, f"records[{i}]: ") if codes is None else
-                          _code(v, self.codes[j], name, f"records[{i}]: ") for i, v in enumerate(column)]
-            rows[:, j] = values
+        """Many records -> rows, column by column at C speed where it can (~8x faster than `encode`
+        per record); a record or value that is not plainly valid goes through the checks of
+        `encode`, which name the problem."""
+        names, n = self.names, len(records)
+        if not all([type(r) is dict and r.keys() == self._exact for r in records]):
+            for i, record in enumerate(records):
+                if type(record) is not dict or record.keys() != self._exact:
+                    self.encode(record, where=f"records[{i}]: ")  # raises, or passes (sensitive extras)
+        values = np.fromiter(itertools.chain.from_iterable(map(self._getter, records)), dtype=object,
+                             count=n * len(names)).reshape(n, len(names))
+        rows = np.empty((n, len(names)), dtype=np.float64)
+        for j, (name, lookup) in enumerate(zip(names, self.lookups)):
+            encoded = _fast_column(values[:, j], lookup)
+            if encoded is None:  # value by value: raises for the first bad one, naming it
+                encoded = [_number(v, name, f"records[{i}]: ") if lookup is None else
+                           _code(v, self.codes[j], name, f"records[{i}]: ") for i, v in enumerate(values[:, j])]
+            rows[:, j] = encoded
+        if not self.extras:
+            return rows, [{}] * n  # one shared empty dict: read, never written
         return rows, [{a: record.get(a) for a in self.extras} for record in records]
 
 
@@ -175,16 +183,18 @@ class _Levels(dict):
         return UNSEEN
 
 
-def _fast_column(column: list, lookup: _Levels | None) -> np.ndarray | list | None:
-    """A column of plainly valid values encoded at once, or None when some need a closer look."""
+def _fast_column(column: np.ndarray, lookup: _Levels | None) -> np.ndarray | list | None:
+    """A column (object array) of plainly valid values encoded at once, or None when some need a
+    closer look."""
     kinds = set(map(type, column))
     if lookup is None and kinds <= {float, int, type(None)}:
+        missing = np.equal(column, None)
         try:
-            values = np.array(column, dtype=np.float64)  # None -> NaN
+            values = np.where(missing, math.nan, column).astype(np.float64)
         except OverflowError:
             return None
         finite = np.abs(values) <= FLOAT32_MAX  # False for NaN, inf and what float32 cannot hold
-        return values if finite.all() or (~finite).sum() == column.count(None) else None
+        return values if finite.sum() + missing.sum() == len(values) else None
     if lookup is not None and kinds <= {str, type(None)}:
         return list(map(lookup.__getitem__, column))
     return None

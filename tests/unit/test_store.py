@@ -198,3 +198,35 @@ def test_an_invalid_label_is_not_reported_as_a_duplicate(store):
         store.add_feedback(ids[0], 2)
     assert not isinstance(caught.value, DuplicateFeedback)
     store.add_feedback(ids[0], 1)
+
+
+def test_written_in_the_background_and_found_by_another_process_right_away(tmp_path):
+    """Predictions reach the file through each process's writer thread (not per request); a label
+    sent at once through another connection (another worker) still finds its prediction."""
+    worker_a, worker_b = Store(tmp_path / "p.db", N_FEATURES), Store(tmp_path / "p.db", N_FEATURES)
+    ids, _ = log(worker_a, 3)
+    worker_b.add_feedback(ids[2], 1)  # waits for worker_a's writer, within 2 x FLUSH_SECONDS
+    assert worker_b.labeled("v1", 10).label.tolist() == [1]
+    many = [log(worker_a, 1, start=i)[0][0] for i in range(300)]  # more than FLUSH_REQUESTS wait: flushed
+    assert worker_b.counts()["requests"] >= 1
+    worker_b.add_feedback(many[-1], 0)
+    assert sorted(worker_b.labeled("v1", 10).label.tolist()) == [0, 1]
+
+
+def test_nothing_is_lost_while_the_log_cannot_be_written(tmp_path):
+    store = Store(tmp_path / "log" / "p.db", N_FEATURES)
+    ids, _ = log(store, 2)
+    store.flush()
+    blocker = sqlite3.connect(tmp_path / "log" / "p.db", timeout=0)
+    blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the lock longer than the busy timeout
+    store._connect = lambda: sqlite3.connect(tmp_path / "log" / "p.db", timeout=0.01, isolation_level=None)
+    store._writer_conn = None
+    log(store, 3, start=2)
+    try:  # fails while locked (here, or in the writer thread if it got there first)
+        store.flush()
+    except sqlite3.OperationalError:
+        pass
+    blocker.rollback()
+    blocker.close()
+    store.flush()  # the predictions kept in memory are written now
+    assert len(store.window("v1", 10).probability) == 5
