@@ -23,7 +23,7 @@ from rareml.calibration import select_calibrator
 from rareml.config import Config, load_config
 from rareml.data import LABEL, numeric_reference
 from rareml.errors import RareMLError
-from rareml.features import Schema, to_frame
+from rareml.features import Schema, to_frame, to_records
 from rareml.model import dmatrix, load_model, raw_scores, save_model, train_booster
 from rareml.tracking import setup_mlflow, ui_command
 
@@ -40,6 +40,16 @@ def explain(booster: xgb.Booster, X: pd.DataFrame, encoding: str, seed: int) -> 
 
 def fairness(test: pd.DataFrame, y: np.ndarray, decision: np.ndarray, schema: Schema) -> dict:
     return {col: metrics.group_rates(y, decision, test[col].astype(object).to_numpy()) for col in schema.sensitive}
+
+
+EXAMPLES = 25  # held-out records of each class shipped with the model for the GUI (and the Space)
+
+
+def examples(test: pd.DataFrame, schema: Schema, seed: int) -> dict[str, list[dict]]:
+    """A few test records of each outcome, as the API takes them."""
+    pick = {name: test[test[LABEL] == label] for name, label in (("positive", 1), ("negative", 0))}
+    return {name: to_records(rows.sample(min(EXAMPLES, len(rows)), random_state=seed), schema)
+            for name, rows in pick.items()}
 
 
 def figures(y, p, raw, curve, choice, contribs, sample, names) -> dict:
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     evaluation = metrics.evaluate(y_test, p_test, choice.threshold, n_boot=args.bootstrap, seed=config.seed)
     contribs, sample = explain(booster, X_test, encoding, config.seed)
     importance = dict(zip(schema.names, np.abs(contribs).mean(axis=0).round(6).tolist()))
-    manifest = save_model(layout.model_dir, booster, calibrator, {
+    manifest = save_model(layout.model_dir, booster, calibrator, examples=examples(test, schema, config.seed), manifest={
         "name": config.name, "encoding": encoding, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "threshold": choice.to_dict() | {"policy": vars(config.threshold)},
         "metrics": {"test": {k: e.value for k, e in evaluation.items()},

@@ -30,6 +30,7 @@ from rareml import monitoring
 from rareml.cli import run
 from rareml.errors import InputError, RareMLError
 from rareml.model import Model, load_model, verify_model_dir
+from rareml.scoring import explanation
 from rareml.store import DuplicateFeedback, Store, UnknownPrediction
 
 log = logging.getLogger("04_serve")
@@ -221,13 +222,6 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
         return [{"probability": p, "decision": d, "threshold": threshold, "model_version": version,
                  "prediction_id": i} for p, d, i in zip(probability.tolist(), decision.tolist(), ids)]
 
-    def explain(row: np.ndarray, record: dict, top: int) -> dict:
-        contributions = model.contributions_rows(encoder.model_rows(row[None]))[0]
-        order = np.argsort(-np.abs(contributions[:-1]))[:top]
-        return {"bias": float(contributions[-1]), "top": [
-            {"feature": names[i], "value": record.get(names[i]), "contribution": float(contributions[i])}
-            for i in order]}
-
     @app.post("/predict")
     def predict():
         explained = request.args.get("explain", "").lower() in ("1", "true", "yes")
@@ -236,7 +230,7 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
         row, extras = encoder.encode(record)
         result = score(row[None], [extras])[0]
         if explained:
-            result["explanation"] = explain(row, record, top)
+            result["explanation"] = explanation(model, row, record, top)
         return result
 
     @app.post("/predict/batch")

@@ -21,6 +21,7 @@ from rareml.features import RecordEncoder, Schema, to_frame
 from rareml.predictor import TreeEnsemble
 
 BOOSTER_FILE, CALIBRATOR_FILE, MANIFEST_FILE = "model.ubj", "calibrator.json", "manifest.json"
+EXAMPLES_FILE = "examples.json"  # a few held-out records of each class, for the GUI's "load a real example"
 FORMAT_VERSION = 1
 
 
@@ -70,6 +71,13 @@ class Model:
     calibrator: Calibrator
     schema: Schema
     manifest: dict
+    folder: Path | None = None
+
+    def examples(self) -> dict[str, list[dict]]:
+        """Held-out records by outcome ({"positive": [...], "negative": [...]}), empty if none were saved."""
+        if self.folder is None or EXAMPLES_FILE not in self.manifest.get("files", {}):
+            return {"positive": [], "negative": []}
+        return json.loads((self.folder / EXAMPLES_FILE).read_text())
 
     @property
     def threshold(self) -> float:
@@ -119,13 +127,18 @@ class Model:
         return self.booster.predict(data, pred_contribs=True, iteration_range=(0, _n_trees(self.booster)))
 
 
-def save_model(model_dir: Path, booster: xgb.Booster, calibrator: Calibrator, manifest: dict) -> dict:
-    """Write the model folder; the manifest records each file's SHA-256 and a content-derived version."""
+def save_model(model_dir: Path, booster: xgb.Booster, calibrator: Calibrator, manifest: dict,
+               examples: dict | None = None) -> dict:
+    """Write the model folder; the manifest records each file's SHA-256 and a content-derived version
+    (of the booster and calibrator: examples do not change what the model computes)."""
     model_dir.mkdir(parents=True, exist_ok=True)
     booster.save_model(model_dir / BOOSTER_FILE)
     (model_dir / CALIBRATOR_FILE).write_text(json.dumps(calibrator.to_dict(), indent=2) + "\n")
     files = {name: file_sha256(model_dir / name) for name in (BOOSTER_FILE, CALIBRATOR_FILE)}
     version = hashlib.sha256("".join(files.values()).encode()).hexdigest()[:12]
+    if examples is not None:
+        (model_dir / EXAMPLES_FILE).write_text(json.dumps(examples, indent=1) + "\n")
+        files[EXAMPLES_FILE] = file_sha256(model_dir / EXAMPLES_FILE)
     manifest = {"format_version": FORMAT_VERSION, "model_version": version, **manifest, "files": files}
     (model_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -148,7 +161,8 @@ def verify_model_dir(model_dir: str | Path) -> dict:
         path = model_dir / name
         if not path.is_file() or file_sha256(path) != expected:
             raise RareMLError(f"{path} is missing or does not match its checksum in the manifest")
-    if set(manifest.get("files", {})) != {BOOSTER_FILE, CALIBRATOR_FILE}:
+    if not {BOOSTER_FILE, CALIBRATOR_FILE} <= set(manifest.get("files", {})) <= {BOOSTER_FILE, CALIBRATOR_FILE,
+                                                                                 EXAMPLES_FILE}:
         raise RareMLError(f"{model_dir / MANIFEST_FILE} does not list the model files")
     return manifest
 
@@ -160,4 +174,4 @@ def load_model(model_dir: str | Path) -> Model:
     booster = xgb.Booster()
     booster.load_model(model_dir / BOOSTER_FILE)
     calibrator = Calibrator.from_dict(json.loads((model_dir / CALIBRATOR_FILE).read_text()))
-    return Model(booster, calibrator, Schema.from_dict(manifest["schema"]), manifest)
+    return Model(booster, calibrator, Schema.from_dict(manifest["schema"]), manifest, model_dir)
