@@ -13,7 +13,7 @@ WORKERS ?= 2
 export MLFLOW_DISABLE_TELEMETRY ?= true
 STAGE_ARGS = --config $(CONFIG) --artifacts $(ARTIFACTS)
 
-.PHONY: help setup all prepare tune serialize serve test benchmark bench-serve peers mlflow-ui clean
+.PHONY: help setup all prepare tune serialize serve gui space publish-space test benchmark bench-serve peers mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,18 @@ serialize: setup ## 03: refit, calibrate, threshold, evaluate, write $(ARTIFACTS
 serve: setup ## 04: the API under gunicorn on http://HOST:PORT (WORKERS processes); serves ARTIFACTS/model
 	$(PY) 04_serve.py --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
+gui: PORT = 7860
+gui: setup ## the Gradio GUI on http://127.0.0.1:PORT (7860), over ARTIFACTS/model (RAREML_API_URL: score via the API)
+	$(PY) app.py --artifacts $(ARTIFACTS) --port $(PORT)
+
+SPACE_DIR ?= space
+space: setup ## write the Hugging Face Space folder SPACE_DIR (app, model, pinned requirements, front matter)
+	$(PY) -m rareml.space --artifacts $(ARTIFACTS) --out $(SPACE_DIR)
+
+publish-space: space ## upload SPACE_DIR to the Space SPACE_REPO=user/name (token from HF_TOKEN)
+	@test -n "$(SPACE_REPO)" || { echo "error: set SPACE_REPO=user/name"; exit 2; }
+	$(PY) -m rareml.space --out $(SPACE_DIR) --publish $(SPACE_REPO)
+
 test: setup ## the test suite (unit, data, model, api, integration tiers)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -72,5 +84,5 @@ peers: setup $(BENCH_VENV)/.installed ## rareml vs FLAML, AutoGluon and baseline
 mlflow-ui: setup ## browse the MLflow runs on http://127.0.0.1:5000
 	MLFLOW_ALLOW_FILE_STORE=true $(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-mlruns} --host 127.0.0.1 --port 5000
 
-clean: ## remove artifacts and MLflow runs (keeps .venv)
-	rm -rf $(ARTIFACTS) mlruns
+clean: ## remove artifacts, MLflow runs and the Space folder (keeps .venv)
+	rm -rf $(ARTIFACTS) mlruns $(SPACE_DIR)

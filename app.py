@@ -131,7 +131,8 @@ def build(artifacts: Path, api_url: str | None = None) -> gr.Blocks:
                 with gr.Column(scale=2):
                     probability = gr.Textbox(label="Probability (calibrated)", elem_id="probability")
                     decision = gr.Markdown(elem_id="decision")
-                    plot = gr.Plot(label="This case's top contributions")
+                    gr.Markdown("**This case's top contributions** (SHAP, log-odds)")
+                    plot = gr.Plot(show_label=False)
             counter = gr.State(0)
             go.click(predict, inputs, [probability, decision, plot], api_name="predict")
             load.click(load_example, [outcome, counter], inputs + [counter, note], api_name="load_example")

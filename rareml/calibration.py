@@ -8,9 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
 
 from rareml import metrics
 
@@ -57,6 +54,9 @@ class Calibrator:
 
 
 def fit_calibrator(method: str, y: np.ndarray, p: np.ndarray) -> Calibrator:
+    from sklearn.isotonic import IsotonicRegression  # fitting needs scikit-learn; applying does not (the Space)
+    from sklearn.linear_model import LogisticRegression
+
     if method == "sigmoid":
         lr = LogisticRegression(C=1e6, max_iter=1000).fit(_logit(p).reshape(-1, 1), y)
         if lr.coef_[0, 0] <= 0:  # a decreasing map would reverse the model's ranking: keep the scores
@@ -72,6 +72,8 @@ def select_calibrator(y: np.ndarray, p: np.ndarray, folds: int = 5,
                       seed: int = 0) -> tuple[Calibrator, dict[str, dict[str, float]]]:
     """Compare the methods by cross-validated Brier (log-loss breaks ties) on the out-of-fold
     scores; refit the winner on all of them. Returns it and each method's scores."""
+    from sklearn.model_selection import StratifiedKFold
+
     y, p = np.asarray(y), np.asarray(p, float)
     held_out = {m: np.empty(len(p)) for m in METHODS}
     for fit_idx, eval_idx in StratifiedKFold(folds, shuffle=True, random_state=seed).split(p, y):
