@@ -1,6 +1,7 @@
 """Stage 4: serve the model over HTTP: a Flask app (`create_app`) run by gunicorn (`main`).
 
-Endpoints: POST /predict, /predict/batch, /feedback; GET /health, /ready, /model, /metrics.
+Endpoints: POST /predict, /predict/batch, /feedback; GET /health, /ready, /model, /metrics; and
+POST /alerts (Alertmanager's webhook, bearer token from RAREML_ALERT_TOKEN), GET /alerts.
 Records are checked against the model's schema and encoded by the same code as training
 (rareml.features); predictions and delayed labels go to a SQLite log shared by all workers, from
 which drift, fairness and live performance are computed over a sliding window when Prometheus
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hmac
 import logging
-import math
 import os
 import re
 import shutil
@@ -29,16 +30,16 @@ from werkzeug.exceptions import HTTPException
 from rareml import monitoring
 from rareml.cli import run
 from rareml.errors import InputError, RareMLError
-from rareml.model import Model, load_model, verify_model_dir
+from rareml.model import load_model, verify_model_dir
 from rareml.scoring import explanation
 from rareml.store import DuplicateFeedback, Store, UnknownPrediction
+from rareml.telemetry import Metrics, observe_many
 
 log = logging.getLogger("04_serve")
 MAX_BATCH = 5000  # records per /predict/batch; more is a 413
 MAX_BODY = 16 * 2**20  # bytes per request body; more is a 413
+FAIRNESS_BOUND = 0.2  # largest selection-rate or true-positive-rate gap between groups before the alert
 WINDOW = 1000  # recent predictions (and recent labels) behind the drift, fairness and live gauges
-PROBABILITY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class ApiError(Exception):
@@ -47,84 +48,6 @@ class ApiError(Exception):
     def __init__(self, status: int, reason: str, message: str, field: str | None = None):
         super().__init__(message)
         self.status, self.reason, self.field = status, reason, field
-
-
-class Metrics:
-    """The service's Prometheus metrics. With PROMETHEUS_MULTIPROC_DIR set (gunicorn, see main),
-    every worker writes its own files and /metrics adds them up; window gauges keep the most
-    recent value written by any worker."""
-
-    def __init__(self, model: Model):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-
-        disable_created_metrics()  # no *_created series: half the exposition, and nothing reads them
-        self.registry = CollectorRegistry()
-        reg, latest = {"registry": self.registry}, {"registry": self.registry, "multiprocess_mode": "mostrecent"}
-        self.requests = Counter("rareml_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], **reg)
-        self.latency = Histogram("rareml_request_latency_seconds", "Request latency", ["endpoint"],
-                                 buckets=LATENCY_BUCKETS, **reg)
-        self.predictions = Counter("rareml_predictions", "Predictions by decision", ["decision"], **reg)
-        self.negatives, self.positives = self.predictions.labels("0"), self.predictions.labels("1")
-        self.probability = Histogram("rareml_predicted_probability", "Calibrated probability of each prediction",
-                                     buckets=PROBABILITY_BUCKETS, **reg)
-        self.feedback = Counter("rareml_feedback", "Delayed labels received", ["label"], **reg)
-        self.rejected = Counter("rareml_rejected_inputs", "Rejected requests by reason", ["reason"], **reg)
-        self.unseen = Counter("rareml_unseen_categories", "Category values never seen in training (scored as "
-                              "missing)", ["feature"], **reg)
-        info = Gauge("rareml_model_info", "The model being served", ["name", "version", "trained_at", "calibration"],
-                     multiprocess_mode="max", **reg)
-        info.labels(model.manifest["name"], model.version, model.manifest["trained_at"], model.calibrator.method).set(1)
-        Gauge("rareml_threshold", "Decision threshold", multiprocess_mode="max", **reg).set(model.threshold)
-        baseline = Gauge("rareml_validation_metric", "Validation (out-of-fold) figures from the manifest, the "
-                         "baseline for live performance", ["metric"], multiprocess_mode="max", **reg)
-        for name, value in model.manifest["metrics"]["validation"].items():
-            baseline.labels(name).set(value)
-        self.window_size = Gauge("rareml_window_predictions", "Predictions in the window", **latest)
-        self.positive_rate = Gauge("rareml_positive_rate", "Share of positive decisions in the window", **latest)
-        self.feature_psi = Gauge("rareml_feature_psi", "Data drift: PSI of each feature, window vs training",
-                                 ["feature"], **latest)
-        self.max_psi = Gauge("rareml_feature_psi_max", "Largest feature PSI in the window", **latest)
-        self.score_psi = Gauge("rareml_prediction_psi", "Prediction drift: PSI of the scores, window vs validation",
-                               **latest)
-        self.labeled = Gauge("rareml_window_labeled", "Predictions with a label in the labeled window", **latest)
-        self.live = Gauge("rareml_live_metric", "Precision, recall and average precision over the recent "
-                          "predictions that received a label", ["metric"], **latest)
-        self.selection = Gauge("rareml_group_selection_rate", "Positive-decision rate per group in the window",
-                               ["attribute", "group"], **latest)
-        self.selection_gap = Gauge("rareml_fairness_selection_rate_difference", "Largest difference in selection "
-                                   "rate between groups", ["attribute"], **latest)
-        self.tpr_gap = Gauge("rareml_fairness_true_positive_rate_difference", "Largest difference in true-positive "
-                             "rate between groups (labeled window)", ["attribute"], **latest)
-        self.refreshed = Gauge("rareml_monitor_refresh_timestamp_seconds", "When the window gauges were computed",
-                               **latest)
-
-    def update(self, s: monitoring.Signals) -> None:
-        self.window_size.set(s.predictions)
-        self.positive_rate.set(s.positive_rate)
-        for name, value in s.feature_psi.items():
-            self.feature_psi.labels(name).set(value)
-        self.max_psi.set(max(s.feature_psi.values(), default=math.nan))
-        self.score_psi.set(s.score_psi)
-        self.labeled.set(s.labeled)
-        for name, value in (("precision", s.precision), ("recall", s.recall), ("average_precision", s.average_precision)):
-            self.live.labels(name).set(value)
-        for attribute, rates in s.selection_rate.items():
-            for group, rate in rates.items():
-                self.selection.labels(attribute, group).set(rate)
-        for attribute, gap in s.selection_rate_gap.items():
-            self.selection_gap.labels(attribute).set(gap)
-        for attribute, gap in s.true_positive_rate_gap.items():
-            self.tpr_gap.labels(attribute).set(gap)
-        self.refreshed.set(time.time())
-
-    def exposition(self) -> bytes:
-        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
-
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            return generate_latest(self.registry)
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
 
 
 def read_body() -> object:
@@ -175,26 +98,17 @@ class FastJSON(JSONProvider):
         return Response(orjson.dumps(obj), mimetype="application/json")
 
 
-def observe_many(histogram, values: np.ndarray) -> None:
-    """Histogram.observe for many values at once: one increment per bucket instead of per value
-    (prometheus_client keeps per-bucket counts in `_buckets`, bounded above by `_upper_bounds`)."""
-    counts = np.bincount(np.searchsorted(histogram._upper_bounds, values, side="left"),
-                         minlength=len(histogram._upper_bounds))
-    for bucket, count in zip(histogram._buckets, counts.tolist()):
-        if count:
-            bucket.inc(count)
-    histogram._sum.inc(float(values.sum()))
-
-
 def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "artifacts/serving/predictions.db",
-               window: int = WINDOW, refresh: float = 5.0, max_batch: int = MAX_BATCH, threads: int | None = None) -> Flask:
+               window: int = WINDOW, refresh: float = 5.0, max_batch: int = MAX_BATCH, threads: int | None = None,
+               alert_token: str | None = None, fairness_bound: float = FAIRNESS_BOUND) -> Flask:
     """The API over one verified model folder (a RareMLError if it is missing or corrupt).
     `threads`: XGBoost threads per batch prediction; with several workers, cores / workers, so
-    that concurrent batches share the cores instead of fighting over them."""
+    that concurrent batches share the cores instead of fighting over them. `alert_token`: the
+    shared secret Alertmanager sends to POST /alerts (the webhook is off without one)."""
     model = load_model(model_dir)
     if threads:
         model.booster.set_param({"nthread": threads})
-    encoder, store, metrics = model.encoder, Store(db, len(model.schema.names)), Metrics(model)
+    encoder, store, metrics = model.encoder, Store(db, len(model.schema.names)), Metrics(model, fairness_bound)
     threshold, version = model.threshold, model.version
     names = np.array(model.schema.names)
     lock_path = Path(db).with_suffix(".lock")
@@ -266,6 +180,29 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
                            "prediction_id") from None
         metrics.feedback.labels(str(int(label))).inc()
         return {"prediction_id": pid, "label": int(label), "status": "recorded"}
+
+    @app.post("/alerts")
+    def alerts_webhook():
+        authorize()
+        alerts = alert_payload(read_body())
+        store.add_alerts(alerts)
+        for alert in alerts:
+            metrics.alerts.labels(alert["labels"]["alertname"], alert["status"]).inc()
+            log.warning("alert %s %s: %s", alert["labels"]["alertname"], alert["status"],
+                        alert.get("annotations", {}).get("summary", ""))
+        return {"recorded": len(alerts)}
+
+    @app.get("/alerts")
+    def alerts_list():
+        authorize()
+        return {"alerts": store.alerts(_top(request.args.get("limit", "100")))}
+
+    def authorize() -> None:
+        if not alert_token:
+            raise ApiError(503, "webhook_disabled", "the alert webhook is off: start the API with RAREML_ALERT_TOKEN set")
+        sent = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {alert_token}".encode()):
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token for /alerts")
 
     @app.get("/health")
     def health():
@@ -346,6 +283,33 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
     return app
 
 
+def alert_payload(body: object) -> list[dict]:
+    """The alerts of an Alertmanager webhook body (version 4), checked field by field."""
+    if not isinstance(body, dict) or not isinstance(body.get("alerts"), list) or not body["alerts"]:
+        raise ApiError(422, "not_alerts", 'the body must be an Alertmanager webhook payload: {"version": "4", '
+                       '"alerts": [...]}', "alerts")
+    if body.get("version", "4") != "4":
+        raise ApiError(422, "wrong_version", f"webhook payload version {body.get('version')!r}: expected \"4\"",
+                       "version")
+    if len(body["alerts"]) > 1000:
+        raise ApiError(413, "too_many_alerts", "at most 1000 alerts per request", "alerts")
+    for i, alert in enumerate(body["alerts"]):
+        where = f"alerts[{i}]"
+        if not isinstance(alert, dict) or alert.get("status") not in ("firing", "resolved"):
+            raise ApiError(422, "not_an_alert", f'{where}.status must be "firing" or "resolved"', f"{where}.status")
+        labels = alert.get("labels")
+        if not isinstance(labels, dict) or not isinstance(labels.get("alertname"), str) or \
+                not all(isinstance(v, str) for v in labels.values()):
+            raise ApiError(422, "not_an_alert", f"{where}.labels must map names to strings, alertname included",
+                           f"{where}.labels")
+        if not isinstance(alert.get("annotations", {}), dict):
+            raise ApiError(422, "not_an_alert", f"{where}.annotations must be an object", f"{where}.annotations")
+        for key in ("startsAt", "fingerprint"):
+            if not isinstance(alert.get(key, ""), str):
+                raise ApiError(422, "not_an_alert", f"{where}.{key} must be a string", f"{where}.{key}")
+    return body["alerts"]
+
+
 def _top(text: str) -> int:
     try:
         return max(1, min(int(text), 100))
@@ -383,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db", type=Path, help="prediction log (default: ARTIFACTS/serving/predictions.db)")
     parser.add_argument("--window", default=WINDOW, type=int, help="predictions behind the live gauges")
     parser.add_argument("--refresh", default=5.0, type=float, help="seconds between recomputing the live gauges")
+    parser.add_argument("--fairness-bound", default=FAIRNESS_BOUND, type=float,
+                        help="largest acceptable gap in selection or true-positive rate between groups")
     args = parser.parse_args(argv)
     model_dir, db = args.artifacts / "model", args.db or args.artifacts / "serving" / "predictions.db"
     manifest = verify_model_dir(model_dir)  # refuse to start on a missing or corrupt model, with the reason
@@ -397,7 +363,12 @@ def main(argv: list[str] | None = None) -> None:
     log.info("serving model %s from %s on http://%s:%d with %d workers (prediction log %s)", manifest["model_version"],
              model_dir, args.host, args.port, args.workers, db)
     threads = max(1, (os.cpu_count() or 1) // args.workers)
-    _gunicorn(lambda: create_app(model_dir, db, args.window, args.refresh, threads=threads), {
+    alert_token = os.environ.get("RAREML_ALERT_TOKEN")  # the shared secret of POST /alerts (Alertmanager)
+    if not alert_token:
+        log.info("RAREML_ALERT_TOKEN is not set: the /alerts webhook answers 503")
+    _gunicorn(lambda: create_app(
+        model_dir, db, args.window, args.refresh, threads=threads, alert_token=alert_token,
+        fairness_bound=args.fairness_bound), {
         "bind": f"{args.host}:{args.port}", "workers": args.workers, "worker_class": "sync", "timeout": 60,
         "child_exit": _child_exit, "accesslog": None, "errorlog": "-", "loglevel": "info",
         "proc_name": "rareml-serve", "control_socket_disable": True}).run()

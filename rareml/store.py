@@ -44,6 +44,16 @@ CREATE TABLE IF NOT EXISTS requests (
     x BLOB NOT NULL,
     extras TEXT
 );
+CREATE TABLE IF NOT EXISTS alerts (
+    seq INTEGER PRIMARY KEY,
+    received REAL NOT NULL,
+    status TEXT NOT NULL,
+    alertname TEXT NOT NULL,
+    fingerprint TEXT,
+    starts_at TEXT,
+    labels TEXT NOT NULL,
+    annotations TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS feedback (
     seq INTEGER PRIMARY KEY,
     prediction_id TEXT NOT NULL UNIQUE,
@@ -241,6 +251,23 @@ class Store:
         return Labeled(np.array([r[0] for r in got], float), np.array([r[1] for r in got], int),
                        rows.astype(np.float64), [json.loads(r[3]) if r[3] else {} for r in got],
                        label=np.array([r[4] for r in got], int))
+
+    def add_alerts(self, alerts: list[dict]) -> None:
+        """Record alerts as Alertmanager's webhook sends them (already validated)."""
+        now = time.time()
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(
+                "INSERT INTO alerts (received, status, alertname, fingerprint, starts_at, labels, annotations) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(now, a["status"], a["labels"]["alertname"], a.get("fingerprint"), a.get("startsAt"),
+                  json.dumps(a["labels"]), json.dumps(a.get("annotations", {}))) for a in alerts])
+
+    def alerts(self, limit: int = 100) -> list[dict]:
+        got = self.conn.execute("SELECT received, status, alertname, fingerprint, starts_at, labels, annotations FROM "
+                                "alerts ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [{"received": r[0], "status": r[1], "alertname": r[2], "fingerprint": r[3], "startsAt": r[4],
+                 "labels": json.loads(r[5]), "annotations": json.loads(r[6])} for r in got]
 
     def counts(self) -> dict[str, int]:
         self.flush()

@@ -1,0 +1,76 @@
+"""POST /alerts: Alertmanager's webhook, where automatic retraining will start. Authenticated by a
+shared token, validated, persisted, counted."""
+from __future__ import annotations
+
+import pytest
+
+from tests.api.conftest import scrape
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def payload(*alerts: dict) -> dict:
+    """A body shaped as Alertmanager (v0.25) sends it."""
+    return {"version": "4", "groupKey": "{}:{alertname=\"RareMLDataDrift\"}", "status": "firing",
+            "receiver": "rareml", "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {},
+            "externalURL": "http://127.0.0.1:9093", "truncatedAlerts": 0, "alerts": list(alerts)}
+
+
+def alert(name: str = "RareMLDataDrift", status: str = "firing", **labels: str) -> dict:
+    return {"status": status, "labels": {"alertname": name, "severity": "warning", **labels},
+            "annotations": {"summary": "feature drift"}, "startsAt": "2026-11-26T16:00:00Z",
+            "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "http://127.0.0.1:9090/graph", "fingerprint": "abc123"}
+
+
+@pytest.fixture
+def webhook(make_app):
+    return make_app(alert_token=TOKEN).test_client()
+
+
+def test_alerts_are_recorded_counted_and_listed(webhook):
+    sent = payload(alert(), alert("RareMLLiveRecallLow", feature="age"), alert(status="resolved"))
+    response = webhook.post("/alerts", json=sent, headers=AUTH)
+    assert response.status_code == 200 and response.get_json() == {"recorded": 3}
+    listed = webhook.get("/alerts", headers=AUTH).get_json()["alerts"]
+    assert [(a["alertname"], a["status"]) for a in listed] == [
+        ("RareMLDataDrift", "resolved"), ("RareMLLiveRecallLow", "firing"), ("RareMLDataDrift", "firing")]
+    assert listed[1]["labels"]["feature"] == "age" and listed[2]["annotations"]["summary"] == "feature drift"
+    m = scrape(webhook)
+    assert m[("rareml_alerts_received_total", (("alertname", "RareMLDataDrift"), ("status", "firing")))] == 1
+    assert m[("rareml_alerts_received_total", (("alertname", "RareMLDataDrift"), ("status", "resolved")))] == 1
+
+
+def test_alerts_survive_a_restart(make_app, tmp_path):
+    first = make_app(db=tmp_path / "a.db", alert_token=TOKEN).test_client()
+    assert first.post("/alerts", json=payload(alert()), headers=AUTH).status_code == 200
+    again = make_app(db=tmp_path / "a.db", alert_token=TOKEN).test_client()
+    assert len(again.get("/alerts", headers=AUTH).get_json()["alerts"]) == 1
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}])
+def test_a_missing_or_wrong_token_is_refused(webhook, headers):
+    response = webhook.post("/alerts", json=payload(alert()), headers=headers)
+    assert response.status_code == 401 and response.get_json()["reason"] == "unauthorized"
+    assert webhook.get("/alerts", headers=headers).status_code == 401
+    assert webhook.get("/alerts", headers=AUTH).get_json()["alerts"] == []
+
+
+def test_without_a_token_the_webhook_is_off(client):
+    response = client.post("/alerts", json=payload(alert()), headers=AUTH)
+    assert response.status_code == 503 and "RAREML_ALERT_TOKEN" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({}, "alerts"), ({"alerts": []}, "alerts"), ([1], "alerts"),
+    (payload(alert()) | {"version": "3"}, "version"),
+    (payload({"labels": {"alertname": "X"}}), "alerts[0].status"),
+    (payload(alert() | {"labels": {"severity": "warning"}}), "alerts[0].labels"),
+    (payload(alert() | {"labels": {"alertname": "X", "n": 1}}), "alerts[0].labels"),
+    (payload(alert(), alert() | {"annotations": []}), "alerts[1].annotations"),
+    (payload(alert() | {"startsAt": 5}), "alerts[0].startsAt"),
+])
+def test_a_bad_payload_names_the_field_and_records_nothing(webhook, body, field):
+    response = webhook.post("/alerts", json=body, headers=AUTH)
+    assert response.status_code == 422 and response.get_json()["field"] == field
+    assert webhook.get("/alerts", headers=AUTH).get_json()["alerts"] == []
