@@ -10,6 +10,7 @@ import pytest
 
 from rareml import metrics
 from rareml.errors import RareMLError
+from rareml.features import to_records
 from rareml.model import load_model
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,8 @@ def client(trained):
 
 
 def test_model_folder_holds_no_pickle(model_dir):
-    assert sorted(p.name for p in model_dir.iterdir()) == ["calibrator.json", "manifest.json", "model.ubj"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["calibrator.json", "examples.json", "manifest.json",
+                                                            "model.ubj"]
     assert (model_dir / "model.ubj").read_bytes()[:1] == b"{"  # UBJSON object, XGBoost's own format
     json.loads((model_dir / "calibrator.json").read_text())
 
@@ -47,7 +49,18 @@ def test_manifest_carries_what_serving_and_monitoring_need(model_dir):
     assert {f["name"] for f in manifest["schema"]["features"]} == set(manifest["reference"]) - {"__score__"}
     assert set(manifest["metrics"]["fairness"]) == {"sex", "race"}
     assert manifest["data"]["fingerprint"]["data_file_sha256"]
-    assert manifest["versions"]["xgboost"] and set(manifest["files"]) == {"model.ubj", "calibrator.json"}
+    assert manifest["versions"]["xgboost"] and set(manifest["files"]) == {"model.ubj", "calibrator.json",
+                                                                            "examples.json"}
+
+
+def test_examples_are_held_out_records_of_each_outcome(model_dir, test_split):
+    model = load_model(model_dir)
+    examples = model.examples()
+    test_records = to_records(test_split, model.schema)
+    for outcome, label in (("positive", 1), ("negative", 0)):
+        assert len(examples[outcome]) == 25
+        labelled = [r for r, y in zip(test_records, test_split["_label"]) if y == label]
+        assert all(e in labelled for e in examples[outcome])
 
 
 def test_round_trip_reproduces_the_reported_test_metrics(model_dir, test_split):
@@ -84,7 +97,7 @@ def test_contributions_add_up_to_the_raw_score(model_dir, test_split):
     assert np.allclose(1 / (1 + np.exp(-contribs.sum(axis=1))), raw, atol=1e-5)
 
 
-@pytest.mark.parametrize("damage", ["model.ubj", "calibrator.json", "manifest.json"])
+@pytest.mark.parametrize("damage", ["model.ubj", "calibrator.json", "manifest.json", "examples.json"])
 def test_tampered_or_missing_files_refuse_to_load(model_dir, tmp_path, damage):
     copy = tmp_path / "model"
     copy.mkdir()
