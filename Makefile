@@ -13,7 +13,7 @@ WORKERS ?= 2
 export MLFLOW_DISABLE_TELEMETRY ?= true
 STAGE_ARGS = --config $(CONFIG) --artifacts $(ARTIFACTS)
 
-.PHONY: help setup all prepare tune serialize serve gui space publish-space test benchmark bench-serve peers mlflow-ui clean
+.PHONY: help setup all prepare tune serialize serve gui space publish-space simulate monitor monitor-stop test benchmark bench-serve peers mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -59,6 +59,19 @@ space: setup ## write the Hugging Face Space folder SPACE_DIR (app, model, pinne
 publish-space: space ## upload SPACE_DIR to the Space SPACE_REPO=user/name (token from HF_TOKEN)
 	@test -n "$(SPACE_REPO)" || { echo "error: set SPACE_REPO=user/name"; exit 2; }
 	$(PY) -m rareml.space --out $(SPACE_DIR) --publish $(SPACE_REPO)
+
+URL ?= http://127.0.0.1:8000
+SCENARIO ?= none
+RATE ?= 20
+DURATION ?= 60
+simulate: setup ## 05: replay ARTIFACTS rows to the API at URL (SCENARIO none|real|covariate|label|concept, RATE per second, DURATION seconds)
+	$(PY) 05_simulate.py --url $(URL) --artifacts $(ARTIFACTS) --scenario $(SCENARIO) --rate $(RATE) --seconds $(DURATION)
+
+monitor: setup ## Prometheus (19090) and Alertmanager (19093) on this machine over the API at URL (needs RAREML_ALERT_TOKEN)
+	$(PY) monitoring/stack.py start --api $(patsubst http://%,%,$(URL))
+
+monitor-stop: ## stop what make monitor started (by PID)
+	$(PY) monitoring/stack.py stop
 
 test: setup ## the test suite (unit, data, model, api, integration tiers)
 	$(PY) -m pytest $(PYTEST_ARGS)
