@@ -67,7 +67,7 @@ def scenario_rows(scenario: str, train: pd.DataFrame, test: pd.DataFrame, schema
     elif scenario == "label":
         pos, neg = rows[rows[LABEL] == 1], rows[rows[LABEL] == 0]
         n = min(len(rows), int(len(pos) / positive_rate)) if positive_rate > 0 else len(neg)
-        n_pos = min(len(pos), int(round(n * positive_rate)))
+        n_pos = min(len(pos), round(n * positive_rate))
         rows = pd.concat([pos.sample(n_pos, random_state=seed, replace=n_pos > len(pos)),
                           neg.sample(n - n_pos, random_state=seed, replace=n - n_pos > len(neg))])
         rows = rows.sample(frac=1.0, random_state=seed)
