@@ -10,8 +10,16 @@ import logging
 from rareml.artifacts import Layout, file_sha256, write_json
 from rareml.cli import run, stage_parser
 from rareml.config import load_config
-from rareml.data import (LABEL, frame_fingerprint, infer_schema, load_tables, prepare, reference_stats,
-                         split, split_warnings)
+from rareml.data import (
+    LABEL,
+    frame_fingerprint,
+    infer_schema,
+    load_tables,
+    prepare,
+    reference_stats,
+    split,
+    split_warnings,
+)
 
 log = logging.getLogger("01_prepare")
 

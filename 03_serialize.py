@@ -8,7 +8,7 @@ import logging
 import platform
 import time
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,8 @@ import xgboost as xgb
 
 from rareml import metrics, plots
 from rareml.artifacts import Layout, read_json, write_json
-from rareml.cli import require, run, stage_parser
 from rareml.calibration import select_calibrator
+from rareml.cli import require, run, stage_parser
 from rareml.config import Config, load_config
 from rareml.data import LABEL, numeric_reference
 from rareml.errors import RareMLError
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     contribs, sample = explain(booster, X_test, encoding, config.seed)
     importance = dict(zip(schema.names, np.abs(contribs).mean(axis=0).round(6).tolist()))
     manifest = save_model(layout.model_dir, booster, calibrator, examples=examples(test, schema, config.seed), manifest={
-        "name": config.name, "encoding": encoding, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "name": config.name, "encoding": encoding, "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "threshold": choice.to_dict() | {"policy": vars(config.threshold)},
         "metrics": {"test": {k: e.value for k, e in evaluation.items()},
                     "test_ci": {k: [e.low, e.high] for k, e in evaluation.items()},

@@ -13,18 +13,18 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home when the app starts
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import gradio as gr  # noqa: E402
-import matplotlib  # noqa: E402
+import gradio as gr
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from rareml.errors import RareMLError  # noqa: E402
-from rareml.features import CATEGORICAL, Feature  # noqa: E402
-from rareml.model import Model, load_model  # noqa: E402
-from rareml.scoring import ApiScorer, LocalScorer  # noqa: E402
+from rareml.errors import RareMLError
+from rareml.features import CATEGORICAL, Feature
+from rareml.model import Model, load_model
+from rareml.scoring import ApiScorer, LocalScorer
 
 SHOWN = 8  # the most important features get the form; the others wait, pre-filled, in "More features"
 REPORTS = ("pr_roc.png", "reliability.png", "shap_importance.png", "threshold.png")

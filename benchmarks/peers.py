@@ -23,7 +23,7 @@ import tempfile
 import time
 import tomllib
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -385,7 +385,7 @@ def main() -> None:
                   "train_sha256": frame_sha256(train_df), "test_sha256": frame_sha256(test_df)},
         "features": {"categorical": cats, "numeric": nums},
         "no_skill_average_precision": float(yte.mean()), "n_boot": args.n_boot,
-        "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "contenders": {},
+        "machine": machine(), "date": datetime.now(UTC).isoformat(timespec="seconds"), "contenders": {},
     }
     print(f"{args.dataset}: train {len(train_df)} rows ({int(ytr.sum())} positive), test {len(test_df)} rows "
           f"({int(yte.sum())} positive); {len(cats)} categorical, {len(nums)} numeric features", flush=True)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def main() -> None:
         "no_skill_average_precision": manifest["metrics"]["no_skill"]["average_precision"],
         "calibration": manifest["calibration"]["method"], "threshold": manifest["threshold"],
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     out = ROOT / "benchmarks" / "results" / f"pipeline-{manifest['name']}"
     out.parent.mkdir(parents=True, exist_ok=True)
