@@ -4,10 +4,12 @@
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
+# PIP_CERT: a CA bundle mounted into the build, for networks that inspect TLS (see .ci/container.sh)
+ARG PIP_CERT=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY requirements-serve.txt /tmp/requirements-serve.txt
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-compile -r /tmp/requirements-serve.txt \
+ && /opt/venv/bin/pip install --no-compile ${PIP_CERT:+--cert "$PIP_CERT"} -r /tmp/requirements-serve.txt \
  && find /opt/venv -name "__pycache__" -prune -exec rm -rf {} + \
  && find /opt/venv -path "*/tests/*" -name "*.py" -delete
 
@@ -26,7 +28,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PROMETHEUS_MULTIPROC_DIR=/tmp/rareml-metrics
-USER rareml
+USER 10001
 VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \

@@ -23,7 +23,7 @@ def test_dockerfile_copies_only_what_dockerignore_lets_in():
     copied = re.findall(r"^COPY (?!--from)(\S+)", dockerfile, re.MULTILINE)
     allowed = [line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")]
     assert copied and all(any(c.rstrip("/") in a for a in allowed) for c in copied), (copied, allowed)
-    assert "USER rareml" in dockerfile and "HEALTHCHECK" in dockerfile and "ARG BASE_IMAGE=" in dockerfile
+    assert "USER 10001" in dockerfile and "HEALTHCHECK" in dockerfile and "ARG BASE_IMAGE=" in dockerfile
 
 
 def test_space_requirements_are_the_project_pins():
