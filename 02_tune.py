@@ -157,9 +157,9 @@ class Objective:
             oof_sum[fold.valid_idx] += p
             oof_n[fold.valid_idx] += 1
             rounds.append(booster.best_iteration + 1)
-            for name in per_fold:
-                per_fold[name].append(getattr(metrics, name)(y, p))
-                self.mlflow.log_metric(f"fold_{name}", per_fold[name][-1], step=k)
+            for name, values in per_fold.items():
+                values.append(getattr(metrics, name)(y, p))
+                self.mlflow.log_metric(f"fold_{name}", values[-1], step=k)
             trial.report(float(np.mean(per_fold["average_precision"])), k)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after fold {k}")
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(layout.tuned, {
         "params": base_params(config.seed) | {k: v for k, v in best.params.items() if k != "encoding"},
         "encoding": best.params["encoding"],
-        "n_estimators": int(round(np.mean(objective.best_rounds))),
+        "n_estimators": round(float(np.mean(objective.best_rounds))),
         "fold_rounds": objective.best_rounds,
         "cv": best.user_attrs["cv"], "best_trial": best.number, "trials": states,
         "budget": {"seconds": args.time_budget, "ends_at": end, "reserved_for_final_stage_s": objective.reserve()},

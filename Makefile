@@ -13,7 +13,7 @@ WORKERS ?= 2
 export MLFLOW_DISABLE_TELEMETRY ?= true
 STAGE_ARGS = --config $(CONFIG) --artifacts $(ARTIFACTS)
 
-.PHONY: help setup all prepare tune serialize serve gui space publish-space simulate monitor monitor-stop test benchmark bench-serve peers mlflow-ui clean
+.PHONY: help setup lint all prepare tune serialize serve gui space publish-space simulate monitor monitor-stop test benchmark bench-serve peers mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	@touch $@
+
+lint: setup ## ruff over the whole repository (as the ci workflow runs it)
+	$(VENV)/bin/ruff check .
 
 all: setup ## the main job: prepare, tune, serialize within BUDGET seconds; ends by saying where everything is
 	@start=$$(date +%s.%N); \

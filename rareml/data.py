@@ -47,7 +47,7 @@ def load_table(path: Path) -> pd.DataFrame:
             raise RareMLError(f"{path.name}: unsupported format (use .csv, .csv.gz or .parquet)")
     except RareMLError:
         raise
-    except Exception as exc:  # any parser's failure on a user's file is a user error
+    except Exception as exc:  # noqa: BLE001 (any parser's failure on a user's file is a user error)
         raise RareMLError(f"{path.name}: cannot read it as {path.suffix} ({type(exc).__name__}: {exc})") from None
     if frame.empty:
         raise RareMLError(f"{path.name}: no rows")

@@ -150,7 +150,7 @@ def evaluate(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 1000,
              seed: int = 0) -> dict[str, Estimate]:
     """Test metrics with bootstrap 95% intervals (percentile method, resampling rows)."""
     y, p = np.asarray(y, float), np.asarray(p, float)
-    ys, ps, order = _sort(y, p)
+    ys, ps, _ = _sort(y, p)
 
     def all_metrics(w: np.ndarray) -> dict[str, float]:
         ap, auc = _ap_auc(*_cum_counts(ys, ps, w))
@@ -180,7 +180,7 @@ def group_rates(y: np.ndarray, decision: np.ndarray, groups: np.ndarray) -> dict
     """Per group: size, selection rate (share decided positive) and true-positive rate (recall);
     the fairness table of the model card and the baseline for live fairness monitoring."""
     out = {}
-    for g in sorted(set(groups[~(groups != groups)].tolist())):  # groups != groups finds NaN
+    for g in sorted(set(groups[~(groups != groups)].tolist())):  # noqa: PLR0124 (groups != groups finds NaN)
         m = groups == g
         pos = m & (y == 1)
         out[str(g)] = {"n": int(m.sum()), "selection_rate": float(decision[m].mean()),

@@ -215,7 +215,7 @@ def test_written_in_the_background_and_found_by_another_process_right_away(tmp_p
 
 def test_nothing_is_lost_while_the_log_cannot_be_written(tmp_path):
     store = Store(tmp_path / "log" / "p.db", N_FEATURES)
-    ids, _ = log(store, 2)
+    log(store, 2)
     store.flush()
     blocker = sqlite3.connect(tmp_path / "log" / "p.db", timeout=0)
     blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the lock longer than the busy timeout
