@@ -14,11 +14,10 @@ S=(--storage-driver vfs)
 mkdir -p "$cache"
 
 need=()
-for tool in debootstrap buildah podman runc npm; do command -v "$tool" >/dev/null || need+=("$tool"); done
+for tool in debootstrap buildah podman runc npm curl; do command -v "$tool" >/dev/null || need+=("$tool"); done
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 \
-    debootstrap buildah podman runc $(command -v npm >/dev/null || echo npm) >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 "${need[@]}" >/dev/null
 fi
 
 echo "== lint: workflows (GitHub schema, actionlint), Dockerfile (hadolint)"
