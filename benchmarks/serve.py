@@ -145,7 +145,8 @@ def main() -> None:
     env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(work / "metrics")}
     proc = subprocess.Popen([sys.executable, str(ROOT / "04_serve.py"), "--artifacts", str(args.artifacts),
                              "--port", str(port), "--workers", str(args.workers), "--db", str(work / "log.db")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "w"))  # noqa: SIM115  # noqa: SIM115 (open while the server runs)
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "w"),  # noqa: SIM115
+                            start_new_session=True)
     try:
         wait_ready(url, proc)
         one = lua_script(work / "predict.lua", "/predict", [json.dumps(r) for r in records[:500]])
@@ -154,12 +155,13 @@ def main() -> None:
         health = wrk(url + "/health", args.seconds, args.connections)
         predict = wrk(url, args.seconds, args.connections, one)
         batched = wrk(url, args.seconds, args.workers, batch)
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    finally:  # the whole process group: the master and its workers, whatever state they are in
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
     raw = raw_rows_per_s(model, rows)
     breakdown = batch_breakdown(model, records)
     batch_rows = batched["requests_per_s"] * len(records)
