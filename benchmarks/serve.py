@@ -17,13 +17,10 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -34,27 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from rareml.features import to_records
 from rareml.model import load_model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
-    deadline, last = time.monotonic() + seconds, None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError as exc:
-            last = exc
-            time.sleep(0.2)
-    raise SystemExit(f"the server did not become ready in time: {last}")
+from rareml.processes import free_port, stop_group, wait_http
 
 
 def lua_script(path: Path, endpoint: str, bodies: list[str]) -> Path:
@@ -148,7 +125,7 @@ def main() -> None:
                             env=env, stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "w"),  # noqa: SIM115
                             start_new_session=True)
     try:
-        wait_ready(url, proc)
+        wait_http(url + "/ready", proc, log=work / "server.log")
         one = lua_script(work / "predict.lua", "/predict", [json.dumps(r) for r in records[:500]])
         batch = lua_script(work / "batch.lua", "/predict/batch", [json.dumps({"records": records})])
         wrk(url + "/health", 2, args.connections)  # warm-up
@@ -156,12 +133,7 @@ def main() -> None:
         predict = wrk(url, args.seconds, args.connections, one)
         batched = wrk(url, args.seconds, args.workers, batch)
     finally:  # the whole process group: the master and its workers, whatever state they are in
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_group(proc)
     raw = raw_rows_per_s(model, rows)
     breakdown = batch_breakdown(model, records)
     batch_rows = batched["requests_per_s"] * len(records)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,29 +20,13 @@ from pathlib import Path
 
 import stack
 
+from rareml.processes import free_port, stop_group, wait_http
+
 ROOT = Path(__file__).resolve().parent.parent
 GRAPHS = {
     "monitoring-drift.png": ["rareml_feature_psi", "rareml_prediction_psi"],
     "monitoring-live-performance.png": ["rareml_live_metric", "rareml_validation_metric{metric=~\"precision|recall|average_precision\"}"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ok(url: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise SystemExit(f"error: {url} not up in {seconds} s")
 
 
 def graph_url(prometheus: str, exprs: list[str], minutes: int) -> str:
@@ -98,7 +80,7 @@ def main() -> None:
                            env=os.environ | {"RAREML_ALERT_TOKEN": token, "PROMETHEUS_MULTIPROC_DIR": str(work / "m")},
                            stdout=subprocess.DEVNULL, stderr=open(work / "api.log", "wb"))  # noqa: SIM115
     try:
-        wait_ok(f"http://127.0.0.1:{port}/ready")
+        wait_http(f"http://127.0.0.1:{port}/ready", api, log=work / "api.log")
         monitoring = stack.start(work / "monitoring", api=f"127.0.0.1:{port}", prometheus_port=free_port(),
                                  alertmanager_port=free_port(), token=token)
         simulate(f"http://127.0.0.1:{port}", args.artifacts, "none", args.seconds)
@@ -110,8 +92,7 @@ def main() -> None:
         print(f"screenshots in {args.out}: {', '.join(list(GRAPHS) + ['monitoring-alerts.png'])}")
     finally:
         stack.stop(work / "monitoring")
-        os.killpg(api.pid, signal.SIGTERM)
-        api.wait(timeout=30)
+        stop_group(api)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as `python monitoring/stack.py`: the project's package beside it
+    sys.path.insert(0, str(ROOT))
+from rareml.processes import stop_group, wait_http
+
 WORK = ROOT / "artifacts" / "monitoring"
 
 
@@ -57,20 +58,6 @@ def write_configs(work: Path, api: str, prometheus_port: int, alertmanager_port:
     return work / "prometheus.yml", work / "alertmanager.yml"
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"{url} not ready after {seconds} s:\n{log.read_text()[-2000:]}")
-
-
 def spawn(name: str, command: list[str], work: Path) -> subprocess.Popen:
     log = work / f"{name}.log"
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),  # noqa: SIM115
@@ -98,8 +85,8 @@ def start(work: Path = WORK, api: str = "127.0.0.1:8000", prometheus_port: int =
     stack = Stack(f"http://127.0.0.1:{prometheus_port}", f"http://127.0.0.1:{alertmanager_port}",
                   {"prometheus": prom.pid, "alertmanager": am.pid})
     try:
-        wait_ready(stack.alertmanager, am, work / "alertmanager.log")
-        wait_ready(stack.prometheus, prom, work / "prometheus.log")
+        wait_http(f"{stack.alertmanager}/-/ready", am, log=work / "alertmanager.log")
+        wait_http(f"{stack.prometheus}/-/ready", prom, log=work / "prometheus.log")
     except RuntimeError:
         stop(work)
         raise
@@ -112,15 +99,7 @@ def stop(work: Path = WORK) -> None:
         pid_file = work / f"{name}.pid"
         if not pid_file.exists():
             continue
-        pid = int(pid_file.read_text())
-        try:
-            os.killpg(pid, signal.SIGTERM)
-            for _ in range(100):  # up to 10 s
-                os.killpg(pid, 0)
-                time.sleep(0.1)
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_group(int(pid_file.read_text()), seconds=10)
         pid_file.unlink()
 
 
@@ -139,7 +118,7 @@ def main() -> None:
         stack = start(api=args.api, prometheus_port=args.prometheus_port, alertmanager_port=args.alertmanager_port)
     except RuntimeError as exc:
         sys.exit(f"error: {exc}")
-    print(f"Prometheus:   {stack.prometheus} (alerts: {stack.prometheus}/alerts)\n"
+    print(f"Prometheus:   {stack.prometheus} (alerts: /alerts, or /classic/alerts on Debian's build)\n"
           f"Alertmanager: {stack.alertmanager}\nlogs and PIDs: {WORK}\nstop with: make monitor-stop")
 
 

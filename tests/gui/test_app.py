@@ -6,55 +6,22 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rareml.model import load_model
+from rareml.processes import free_port, stop_group, wait_http
 from rareml.scoring import ApiScorer, LocalScorer
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path(os.environ.get("RAREML_TEST_ARTIFACTS", ROOT / "test-artifacts"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen | None = None, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"{url} not up in {seconds} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +122,7 @@ def test_space_folder_runs_as_the_space_does(artifacts, model, tmp_path):
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=space, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "space.log", "wb"))  # noqa: SIM115
     try:
-        wait_http(f"http://127.0.0.1:{port}/", proc)
+        wait_http(f"http://127.0.0.1:{port}/", proc, seconds=90)
         record = model.examples()["negative"][1]
         import app as app_module
 
@@ -163,7 +130,7 @@ def test_space_folder_runs_as_the_space_does(artifacts, model, tmp_path):
         probability, _, _ = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(*values, api_name="/predict")
         assert abs(float(probability) - float(model.predict_proba([record])[0])) <= 5e-7
     finally:
-        stop(proc)
+        stop_group(proc)
     assert "is not in the Space" not in (tmp_path / "space.log").read_text()
 
 
@@ -180,7 +147,7 @@ def test_browser_load_edit_predict(app_module, model, artifacts, tmp_path):
                             start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "gui.log", "wb"))  # noqa: SIM115
     try:
-        wait_http(f"http://127.0.0.1:{port}/", proc)
+        wait_http(f"http://127.0.0.1:{port}/", proc, seconds=90)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
                 "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -206,7 +173,7 @@ def test_browser_load_edit_predict(app_module, model, artifacts, tmp_path):
             finally:
                 browser.close()
     finally:
-        stop(proc)
+        stop_group(proc)
     expected = float(model.predict_proba([record])[0])
     assert abs(shown - expected) <= 5e-7, (shown, expected)
     assert ("Decision: positive" in decision) == (expected >= model.threshold)

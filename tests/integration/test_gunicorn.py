@@ -9,11 +9,8 @@ import http.client
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,15 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rareml.features import to_records
 from rareml.model import load_model
+from rareml.processes import free_port, stop_group, wait_http
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(port: int, method: str, path: str, body: bytes | None = None,
@@ -59,25 +51,10 @@ class Server:
             env=os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(db.parent / f"metrics-{self.port}")})
 
     def wait_ready(self, seconds: float = 60) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited:\n{self.log.read_text()}"
-            try:
-                if call(self.port, "GET", "/ready")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"server not ready in {seconds} s:\n{self.log.read_text()}")
+        wait_http(f"http://127.0.0.1:{self.port}/ready", self.proc, seconds, self.log)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_group(self.proc)
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:

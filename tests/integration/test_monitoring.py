@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from rareml.processes import free_port
 from tests.conftest import ROOT
-from tests.integration.test_gunicorn import Server, free_port
+from tests.integration.test_gunicorn import Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TOKEN = "integration-token"
