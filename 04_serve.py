@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import gc
 import hmac
 import logging
 import os
@@ -150,15 +151,18 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
     @app.post("/predict/batch")
     def predict_batch():
         body = read_body()
-        if not isinstance(body, dict) or set(body) != {"records"} or not isinstance(body["records"], list):
-            raise ApiError(422, "not_a_batch", 'the body must be {"records": [ {...}, ... ]}', "records")
-        records = body["records"]
-        if not records:
-            raise ApiError(422, "empty_batch", '"records" is empty', "records")
-        if len(records) > max_batch:
-            raise ApiError(413, "batch_too_large", f"{len(records)} records: at most {max_batch} per request",
-                           "records")
-        rows, extras = encoder.encode_many(records)
+        if not isinstance(body, dict) or len(body) != 1 or not (
+                type(body.get("records")) is list or "columns" in body):
+            raise ApiError(422, "not_a_batch", 'the body must be {"records": [ {...}, ... ]} '
+                           'or {"columns": {"feature": [...], ...}}', "records")
+        records, columns = body.get("records"), body.get("columns")
+        n = len(records) if records is not None else encoder.column_length(columns)
+        if not n:
+            raise ApiError(422, "empty_batch", "the batch is empty", "records" if records is not None else "columns")
+        if n > max_batch:
+            raise ApiError(413, "batch_too_large", f"{n} records: at most {max_batch} per request",
+                           "records" if records is not None else "columns")
+        rows, extras = encoder.encode_many(records) if records is not None else encoder.encode_columns(columns)
         return {"predictions": score(rows, extras), "model_version": version}
 
     @app.post("/feedback")
@@ -327,7 +331,13 @@ def _gunicorn(app_factory, options: dict):
                 self.cfg.set(key, value)
 
         def load(self):
-            return app_factory()
+            app = app_factory()
+            # the model, Flask and the libraries live as long as the worker: moved out of the
+            # collector's sight, a full collection no longer walks them (1.4 ms of every 1,000-record
+            # batch, whose parsed JSON triggers several)
+            gc.collect()
+            gc.freeze()
+            return app
 
     return Server()
 

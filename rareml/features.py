@@ -120,6 +120,7 @@ class RecordEncoder:
             if lookup is not None:
                 lookup[None] = math.nan
         self.categorical = np.array([f.kind == CATEGORICAL for f in schema.features])
+        self._numeric = np.flatnonzero(~self.categorical)
         self.allowed = set(self.names) | set(schema.sensitive)
         self._exact = frozenset(self.names)
         self._getter = operator.itemgetter(*self.names) if len(self.names) > 1 else lambda r: (r[self.names[0]],)
@@ -154,51 +155,103 @@ class RecordEncoder:
         return np.where(self.unseen(rows), np.nan, rows)
 
     def encode_many(self, records: list) -> tuple[np.ndarray, list[dict[str, object]]]:
-        """Many records -> rows, column by column at C speed where it can (~8x faster than `encode`
-        per record); a record or value that is not plainly valid goes through the checks of
-        `encode`, which name the problem."""
+        """Many records -> rows, at C speed where it can (~15x faster than `encode` per record); a
+        record or value that is not plainly valid goes through the checks of `encode`, which name
+        the problem."""
         names, n = self.names, len(records)
-        # a list, not a generator: faster when all pass, the case worth optimising
-        if not all([type(r) is dict and r.keys() == self._exact for r in records]):  # noqa: C419
+        try:  # the right number of fields, all of them present: exactly the features
+            if not all([type(r) is dict and len(r) == len(names) for r in records]):  # noqa: C419 (a list is faster)
+                raise KeyError
+            columns = list(zip(*map(self._getter, records)))  # one tuple of values per feature
+        except KeyError:
             for i, record in enumerate(records):
                 if type(record) is not dict or record.keys() != self._exact:
                     self.encode(record, where=f"records[{i}]: ")  # raises, or passes (sensitive extras)
-        values = np.fromiter(itertools.chain.from_iterable(map(self._getter, records)), dtype=object,
-                             count=n * len(names)).reshape(n, len(names))
-        rows = np.empty((n, len(names)), dtype=np.float64)
-        for j, (name, lookup) in enumerate(zip(names, self.lookups)):
-            encoded = _fast_column(values[:, j], lookup)
-            if encoded is None:  # value by value: raises for the first bad one, naming it
-                encoded = [_number(v, name, f"records[{i}]: ") if lookup is None else
-                           _code(v, self.codes[j], name, f"records[{i}]: ") for i, v in enumerate(values[:, j])]
-            rows[:, j] = encoded
+            columns = list(zip(*map(self._getter, records)))
+        rows = self._encode_columns(columns, n, "records[{}]: ")
         if not self.extras:
             return rows, [{}] * n  # one shared empty dict: read, never written
         return rows, [{a: record.get(a) for a in self.extras} for record in records]
 
+    def column_length(self, columns: object) -> int:
+        """The number of rows of a batch given column by column, {"feature": [values, ...], ...}
+        (what pandas' `to_dict("list")` gives), after checking its shape."""
+        if not isinstance(columns, dict):
+            raise InputError('"columns" must be an object of feature -> list of values', "not_columns", "columns")
+        extra = sorted(set(columns) - self.allowed)
+        if extra:
+            raise InputError(f"unknown column {extra[0]!r}: GET /model lists the features", "extra_field", extra[0])
+        for name in self.names:
+            if name not in columns:
+                raise InputError(f"missing column {name!r} (send nulls for unknown values)", "missing_field", name)
+        lengths = {}
+        for name, values in columns.items():
+            if type(values) is not list:
+                raise InputError(f"column {name!r} must be a list of values", "not_a_list", name)
+            lengths.setdefault(len(values), name)
+        if len(lengths) > 1:
+            (n1, a), (n2, b) = list(lengths.items())[:2]
+            raise InputError(f"columns differ in length: {a!r} has {n1} values, {b!r} {n2}", "ragged_columns", b)
+        return next(iter(lengths))
+
+    def encode_columns(self, columns: object) -> tuple[np.ndarray, list[dict[str, object]]]:
+        """A batch given column by column -> rows, as `encode_many` gives for the same records.
+        Half the bytes of records and no object per record: the fast way to send many rows."""
+        n = self.column_length(columns)
+        rows = self._encode_columns([columns[name] for name in self.names], n, "row {} of the columns: ")
+        if not self.extras:
+            return rows, [{}] * n
+        return rows, [dict(zip(self.extras, values))
+                      for values in zip(*(columns.get(a, [None] * n) for a in self.extras))]
+
+    def _encode_columns(self, columns: list, n: int, where: str) -> np.ndarray:
+        """Columns of values (one sequence per feature, schema order) -> rows: the numeric block
+        at once, each categorical column by a lookup; a column with a value that is not plainly
+        valid goes value by value, and the first bad one raises, naming its row (`where`)."""
+        rows = np.empty((n, len(self.names)), dtype=np.float64)
+        if n == 0:
+            return rows
+        block = _numeric_block([columns[j] for j in self._numeric]) if len(self._numeric) else None
+        if block is not None:
+            rows[:, self._numeric] = block.T
+        for j, (name, lookup) in enumerate(zip(self.names, self.lookups)):
+            if lookup is None and block is not None:
+                continue
+            try:
+                if lookup is None:
+                    raise _NeedsCheck
+                rows[:, j] = np.fromiter(map(lookup.__getitem__, columns[j]), np.float64, n)
+            except (_NeedsCheck, TypeError):  # unhashable, or value by value
+                rows[:, j] = [_number(v, name, where.format(i)) if lookup is None else
+                              _code(v, self.codes[j], name, where.format(i)) for i, v in enumerate(columns[j])]
+        return rows
+
+
+class _NeedsCheck(Exception):
+    """A value the fast path cannot take as it is (a number for a category, a bad value)."""
+
 
 class _Levels(dict):
-    """Level -> code, None -> NaN, anything else -> UNSEEN: a lookup `map` can run at C speed."""
+    """Level -> code, None -> NaN, an unknown string -> UNSEEN: a lookup `map` can run at C speed.
+    Anything else (numbers, booleans, lists) is left to `_code`."""
 
     def __missing__(self, key: object) -> float:
-        return UNSEEN
+        if type(key) is str:
+            return UNSEEN
+        raise _NeedsCheck
 
 
-def _fast_column(column: np.ndarray, lookup: _Levels | None) -> np.ndarray | list | None:
-    """A column (object array) of plainly valid values encoded at once, or None when some need a
-    closer look."""
-    kinds = set(map(type, column))
-    if lookup is None and kinds <= {float, int, type(None)}:
-        missing = np.equal(column, None)
-        try:
-            values = np.where(missing, math.nan, column).astype(np.float64)
-        except OverflowError:
-            return None
-        finite = np.abs(values) <= FLOAT32_MAX  # False for NaN, inf and what float32 cannot hold
-        return values if finite.sum() + missing.sum() == len(values) else None
-    if lookup is not None and kinds <= {str, type(None)}:
-        return list(map(lookup.__getitem__, column))
-    return None
+def _numeric_block(columns: list[tuple]) -> np.ndarray | None:
+    """Numeric columns (features x records) as floats at once, None (missing) as NaN; None when
+    some value needs a closer look (wrong type, NaN, inf, beyond float32)."""
+    if not set(map(type, itertools.chain.from_iterable(columns))) <= {float, int, type(None)}:
+        return None
+    try:
+        block = np.array(columns, dtype=np.float64)
+    except OverflowError:
+        return None
+    finite = int(np.count_nonzero(np.abs(block) <= FLOAT32_MAX))  # NaN, inf and what float32 cannot hold fail
+    return block if finite + sum(c.count(None) for c in columns) == block.size else None
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # XGBoost reads input as float32: beyond this it is infinite

@@ -109,10 +109,11 @@ class Store:
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self._pending: list[tuple] = []
-        self._lock = threading.Lock()  # guards _pending, and makes flushes one at a time
+        self._lock = threading.Lock()  # guards _pending; held for a moment only, never across a write
+        self._write_lock = threading.Lock()  # flushes one at a time
         self._wake = threading.Event()
         self._writer_pid = -1
-        self._writer_conn: sqlite3.Connection | None = None  # used under _lock only
+        self._writer_conn: sqlite3.Connection | None = None  # used under _write_lock only
         self._failures = 0
 
     def _connect(self) -> sqlite3.Connection:
@@ -158,9 +159,11 @@ class Store:
         return [f"{key}-{i}" for i in range(len(rows))]
 
     def flush(self) -> None:
-        """Write the predictions waiting in this process, in one transaction."""
-        with self._lock:
-            pending, self._pending = self._pending, []
+        """Write the predictions waiting in this process, in one transaction. The requests go on
+        adding to the queue while it is written."""
+        with self._write_lock:
+            with self._lock:
+                pending, self._pending = self._pending, []
             if not pending:
                 return
             try:
@@ -170,7 +173,8 @@ class Store:
                     conn.execute("BEGIN IMMEDIATE")
                     conn.executemany(_INSERT, pending)
             except BaseException:
-                self._pending = (pending + self._pending)[-MAX_PENDING:]  # kept for the next try
+                with self._lock:
+                    self._pending = (pending + self._pending)[-MAX_PENDING:]  # kept for the next try
                 raise
 
     def _start_writer(self) -> None:

@@ -111,13 +111,32 @@ def test_batch_keeps_the_order_and_equals_single_predictions(client, model, reco
     assert len({g["prediction_id"] for g in got}) == size
 
 
+def test_batch_by_columns_equals_batch_by_records(client, records):
+    chosen = records[:60]
+    columns = {name: [r[name] for r in chosen] for name in chosen[0]}
+    got = post(client, "/predict/batch", {"columns": columns})
+    assert got.status_code == 200
+    expected = batch(client, chosen)
+    assert [p["probability"] for p in got.get_json()["predictions"]] == [p["probability"] for p in expected]
+    assert all(set(p) == FIELDS for p in got.get_json()["predictions"])
+    one = {name: [value] for name, value in records[0].items()}
+    bad = one | {next(iter(one)): ["x"]}
+    body = assert_error(post(client, "/predict/batch", {"columns": bad}), 422, "wrong_type", next(iter(one)))
+    assert body["error"].startswith("row 0 of the columns: ")
+
+
 def test_batch_limits(make_app, records):
     client = make_app(max_batch=3).test_client()
     assert len(batch(client, records[:3])) == 3
     assert_error(post(client, "/predict/batch", {"records": records[:4]}), 413, "batch_too_large", "records")
     assert_error(post(client, "/predict/batch", {"records": []}), 422, "empty_batch", "records")
+    columns = {name: [r[name] for r in records[:4]] for name in records[0]}
+    assert_error(post(client, "/predict/batch", {"columns": columns}), 413, "batch_too_large", "columns")
+    assert_error(post(client, "/predict/batch", {"columns": {k: [] for k in columns}}), 422, "empty_batch", "columns")
+    assert_error(post(client, "/predict/batch", {"columns": records[:2]}), 422, "not_columns", "columns")
     for body in ({"records": {}}, {"records": records[0]}, records[:2], {"rows": records[:2]},
-                 {"records": records[:2], "extra": 1}, {"records": None}, "records"):
+                 {"records": records[:2], "extra": 1}, {"records": None}, "records",
+                 {"records": records[:2], "columns": columns}):
         assert_error(post(client, "/predict/batch", body), 422, "not_a_batch", "records")
 
 
@@ -564,9 +583,14 @@ def test_fuzz_predict_with_random_records(fuzz_client, model, records):
 
 def test_fuzz_batch_with_random_records(fuzz_client, model, records):
     @FUZZ
-    @given(batches(records, _kinds(model)), st.sampled_from(["records", "records", "rows"]))
+    @given(batches(records, _kinds(model)), st.sampled_from(["records", "records", "rows", "columns"]))
     def check(items, key):
-        response = post(fuzz_client, "/predict/batch", {key: items})
+        if key == "columns":  # the same items column by column (a non-object item leaves a ragged column)
+            names = list(dict.fromkeys(k for item in items if isinstance(item, dict) for k in item))
+            body = {"columns": {k: [item[k] for item in items if isinstance(item, dict) and k in item] for k in names}}
+        else:
+            body = {key: items}
+        response = post(fuzz_client, "/predict/batch", body)
         _check(response)
         statuses.add(response.status_code)
         if response.status_code == 200:

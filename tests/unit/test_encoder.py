@@ -72,6 +72,11 @@ def test_encoder_gives_the_numbers_of_the_training_path(batch):
         one, extra = ENCODER.encode(record)
         np.testing.assert_array_equal(one, row)
         assert extra == {"sex": record.get("sex")}
+    # the same batch sent column by column gives the same rows (sex: a column only if some record has it)
+    names = ENCODER.names + (["sex"] if any("sex" in r for r in batch) else [])
+    by_column, column_extras = ENCODER.encode_columns({name: [r.get(name) for r in batch] for name in names})
+    np.testing.assert_array_equal(by_column, rows)
+    assert column_extras == extras
 
 
 @pytest.mark.parametrize(("value", "code"), [("1", 0), (1, 0), (1.0, 0), ("10", 1), (10, 1), (10.0, 1), (2, 2),
@@ -161,6 +166,35 @@ def test_batch_errors_name_the_record(mutate, reason, field):
         ENCODER.encode_many([valid(), valid(), bad, valid()])
     assert str(caught.value).startswith("records[2]: ")
     assert (caught.value.reason, caught.value.field) == (reason, field)
+
+
+BAD_VALUES = [b for b in BAD if b[2] not in ("extra_field", "missing_field")]  # what a column can hold
+
+
+@pytest.mark.parametrize(("mutate", "reason", "field"), [b[1:] for b in BAD_VALUES], ids=[b[0] for b in BAD_VALUES])
+def test_bad_values_in_columns_name_the_row(mutate, reason, field):
+    bad = valid()
+    mutate(bad)
+    batch = [valid(), valid(), bad]
+    with pytest.raises(InputError) as caught:
+        ENCODER.encode_columns({name: [r.get(name) for r in batch] for name in ENCODER.names})
+    assert str(caught.value).startswith("row 2 of the columns: ")
+    assert (caught.value.reason, caught.value.field) == (reason, field)
+
+
+@pytest.mark.parametrize(("columns", "reason", "field"), [
+    ([[31]], "not_columns", "columns"),
+    ({"age": [31], "code": ["1"], "income": [1.0]}, "missing_field", "job"),
+    ({"age": [31], "code": ["1"], "income": [1.0], "job": ["clerk"], "zip": [1]}, "extra_field", "zip"),
+    ({"age": 31, "code": ["1"], "income": [1.0], "job": ["clerk"]}, "not_a_list", "age"),
+    ({"age": [31, 32], "code": ["1"], "income": [1.0, 2.0], "job": ["clerk", None]}, "ragged_columns", "code"),
+    ({"age": [31], "code": ["1"], "income": [1.0], "job": ["clerk"], "sex": []}, "ragged_columns", "sex"),
+])
+def test_badly_shaped_columns_are_refused(columns, reason, field):
+    with pytest.raises(InputError) as caught:
+        ENCODER.encode_columns(columns)
+    assert (caught.value.reason, caught.value.field) == (reason, field)
+    assert repr(field) in str(caught.value) or field == "columns"
 
 
 def test_batch_with_a_non_object_names_the_record():
