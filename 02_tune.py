@@ -26,11 +26,15 @@ from rareml.config import load_config
 from rareml.data import LABEL
 from rareml.errors import RareMLError
 from rareml.features import Schema, to_frame
-from rareml.model import ENCODINGS, base_params, dmatrix, raw_scores, train_booster
+from rareml.model import ENCODINGS, base_params, dmatrix, mean_margin, raw_scores, train_booster
 from rareml.tracking import setup_mlflow
 
 log = logging.getLogger("02_tune")
 MAX_ROUNDS, EARLY_STOPPING, ES_SHARE = 2000, 100, 0.1
+# Up to this many training rows the final model averages the best few trials (at most
+# ENSEMBLE_MAX, as many as maximise the out-of-fold average precision of their mean): on small
+# data the single best CV score is partly luck, and each refit costs a second. Above it, one model.
+ENSEMBLE_MAX, ENSEMBLE_MAX_ROWS = 5, 50_000
 # What the final stage costs besides the refit, measured on this project's benchmark machine
 # (2 cores): imports, calibration, plots, MLflow logging and registration; 1,000 bootstrap resamples.
 FINAL_FIXED_S, BOOTSTRAP_S_PER_ROW = 12.0, 6e-5
@@ -50,6 +54,18 @@ STARTS = [
     LEAVES | {"encoding": "native"},
     LEAVES | {"learning_rate": 0.05, "subsample": 0.8, "colsample_bytree": 0.8, "encoding": "ordinal"},
 ]
+
+
+@dataclass
+class Candidate:
+    """A complete trial, kept while it is among the best few."""
+
+    number: int
+    value: float
+    params: dict
+    encoding: str
+    oof: np.ndarray
+    rounds: list[int]
 
 
 @dataclass
@@ -124,11 +140,13 @@ class Objective:
         self.spw_max = float((y == 0).sum() / max((y == 1).sum(), 1))
         self.best_value, self.best_oof, self.best_rounds, self.best_fit_s = -np.inf, None, [], 0.0
         self.final_fixed_s = FINAL_FIXED_S + test_rows * BOOTSTRAP_S_PER_ROW
+        self.refits = ENSEMBLE_MAX if len(y) <= ENSEMBLE_MAX_ROWS else 1
+        self.top: list[Candidate] = []  # the best complete trials, best first
 
     def reserve(self) -> float:
         """Seconds the final stage needs: fixed costs plus a refit on all training rows."""
         fit_rows = self.folds[0].fit["native"].num_row()
-        return self.final_fixed_s + self.best_fit_s * len(self.y) / fit_rows
+        return self.final_fixed_s + self.refits * self.best_fit_s * len(self.y) / fit_rows
 
     def search_deadline(self) -> float:
         return self.end - self.reserve()
@@ -150,7 +168,17 @@ class Objective:
                 self.mlflow.log_metric("duration_s", time.monotonic() - started)
         if value > self.best_value:
             self.best_value, self.best_oof, self.best_rounds, self.best_fit_s = value, oof, rounds, fit_s
+        self.top = sorted(self.top + [Candidate(trial.number, value, params, encoding, oof, rounds)],
+                          key=lambda c: -c.value)[:ENSEMBLE_MAX]
         return value
+
+    def ensemble(self) -> list[Candidate]:
+        """The trials the final model averages: the best one, then, on small data, as many of the
+        next best (same encoding) as raise the out-of-fold average precision of their mean."""
+        same = [c for c in self.top if c.encoding == self.top[0].encoding][:self.refits]
+        scores = [metrics.average_precision(self.y, mean_margin([c.oof for c in same[:k]]))
+                  for k in range(1, len(same) + 1)]
+        return same[:int(np.argmax(scores)) + 1]
 
     def _out_of_time(self, trial: optuna.Trial) -> None:
         """Once one trial is complete, a trial that would eat into the final stage's time is stopped."""
@@ -248,6 +276,13 @@ def main(argv: list[str] | None = None) -> None:
         if objective.best_oof is None:
             raise RareMLError("no trial completed within the time budget: raise BUDGET (--time-budget)")
         best = study.best_trial
+        members = objective.ensemble()
+        oof = mean_margin([m.oof for m in members])
+        if len(members) > 1:
+            log.info("the final model averages trials %s: out-of-fold average precision %.4f, against %.4f "
+                     "for the best alone", [m.number for m in members], metrics.average_precision(y, oof),
+                     metrics.average_precision(y, members[0].oof))
+        mlflow.log_metrics({"ensemble_size": len(members), "oof_average_precision": metrics.average_precision(y, oof)})
         states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
         mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
         mlflow.log_metrics({"best_cv_average_precision": best.value, "tune_seconds": time.monotonic() - started,
@@ -258,13 +293,16 @@ def main(argv: list[str] | None = None) -> None:
         history = study.trials_dataframe(attrs=("number", "value", "state", "duration", "params"))
         history["duration"] = history["duration"].dt.total_seconds()
         mlflow.log_table(history, "tuning/trials.json")
-    pd.DataFrame({LABEL: y, "score": objective.best_oof}, index=train.index).to_parquet(layout.oof)
+    pd.DataFrame({LABEL: y, "score": oof}, index=train.index).to_parquet(layout.oof)
     write_json(layout.tuned, {
         "params": base_params(config.seed) | xgb_params(best.params),
         "encoding": best.params["encoding"],
         "n_estimators": round(float(np.mean(objective.best_rounds))),
         "fold_rounds": objective.best_rounds,
         "cv": best.user_attrs["cv"], "best_trial": best.number, "trials": states,
+        "ensemble": [{"trial": m.number, "cv_average_precision": m.value, "params": base_params(config.seed) | m.params,
+                      "n_estimators": round(float(np.mean(m.rounds)))} for m in members],
+        "oof_average_precision": metrics.average_precision(y, oof),
         "budget": {"seconds": args.time_budget, "ends_at": end, "reserved_for_final_stage_s": objective.reserve()},
         "mlflow": {"tracking_uri": uri, "experiment": config.name, "parent_run_id": parent.info.run_id},
     })

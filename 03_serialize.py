@@ -1,6 +1,7 @@
-"""Stage 3: refit with the best parameters, calibrate, choose the threshold, evaluate once on the
-untouched test split, explain, and write artifacts/model/ (XGBoost's own format, calibrator and
-threshold as JSON, manifest with checksums); log it all to MLflow and register the `champion`.
+"""Stage 3: refit with the best parameters (on small data, the few best trials, averaged into one
+booster), calibrate, choose the threshold, evaluate once on the untouched test split, explain, and
+write artifacts/model/ (XGBoost's own format, calibrator and threshold as JSON, manifest with
+checksums); log it all to MLflow and register the `champion`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from rareml.config import Config, load_config
 from rareml.data import LABEL, numeric_reference
 from rareml.errors import RareMLError
 from rareml.features import Schema, to_frame, to_records
-from rareml.model import dmatrix, load_model, raw_scores, save_model, train_booster
+from rareml.model import average_boosters, dmatrix, load_model, raw_scores, save_model, train_booster
 from rareml.tracking import setup_mlflow, ui_command
 
 log = logging.getLogger("03_serialize")
@@ -111,8 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     train, test = pd.read_parquet(require(layout.train, "prepare")), pd.read_parquet(require(layout.test, "prepare"))
     started = time.monotonic()
     encoding = tuned["encoding"]
-    booster = train_booster(tuned["params"], dmatrix(to_frame(train, schema), train[LABEL].to_numpy(), encoding),
-                            tuned["n_estimators"])
+    members = tuned.get("ensemble") or [{"params": tuned["params"], "n_estimators": tuned["n_estimators"]}]
+    dtrain = dmatrix(to_frame(train, schema), train[LABEL].to_numpy(), encoding)
+    booster = average_boosters([train_booster(m["params"], dtrain, m["n_estimators"]) for m in members])
     y_oof, raw_oof = oof[LABEL].to_numpy(), oof["score"].to_numpy()
     calibrator, calibration_cv = select_calibrator(y_oof, raw_oof, seed=config.seed)
     p_oof = calibrator.predict(raw_oof)
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         "calibration": {"method": calibrator.method, "cv": calibration_cv, "test_ece": metrics.ece(y_test, p_test)},
         "importance": dict(sorted(importance.items(), key=lambda kv: -kv[1])),
         "params": tuned["params"] | {"n_estimators": tuned["n_estimators"]},
+        "ensemble": [{"trial": m.get("trial"), "n_estimators": m["n_estimators"]} for m in members],
         # prediction drift is judged against the final model's scores on the test split (the out-of-fold
         # scores come from the fold models, distributed differently: PSI ~0.27 on the test split itself)
         "schema": schema.to_dict(), "reference": prepared["reference"] | {"__score__": numeric_reference(p_test)},

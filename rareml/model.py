@@ -52,6 +52,46 @@ def train_booster(params: dict, dtrain: xgb.DMatrix, rounds: int, deval: xgb.DMa
                      early_stopping_rounds=early_stopping if evals else None, callbacks=callbacks)
 
 
+def average_boosters(boosters: list[xgb.Booster]) -> xgb.Booster:
+    """One booster whose margin is the mean of the members' margins (log-odds): their trees side by
+    side with leaf values divided by their number, and the base score the mean base margin. Members
+    must share their input (features, types, categories); a single member comes back as it is."""
+    if len(boosters) == 1:
+        return boosters[0]
+    models = [json.loads(b.save_raw("json")) for b in boosters]
+    merged, k, trees = models[0], len(models), []
+    for model in models:
+        for tree in model["learner"]["gradient_booster"]["model"]["trees"]:
+            tree["base_weights"] = [w / k for w in tree["base_weights"]]
+            tree["split_conditions"] = [v / k if left == -1 else v  # a leaf's value sits in split_conditions
+                                        for v, left in zip(tree["split_conditions"], tree["left_children"])]
+            tree["id"] = len(trees)
+            trees.append(tree)
+    gbtree = merged["learner"]["gradient_booster"]["model"]
+    gbtree.update(trees=trees, tree_info=[0] * len(trees), iteration_indptr=list(range(len(trees) + 1)))
+    gbtree["gbtree_model_param"]["num_trees"] = str(len(trees))
+    bases = [float(str(m["learner"]["learner_model_param"]["base_score"]).strip("[]")) for m in models]
+    base = 1.0 / (1.0 + np.exp(-np.mean(logit(np.array(bases)))))
+    merged["learner"]["learner_model_param"]["base_score"] = f"[{base:.9E}]"
+    merged["learner"]["attributes"] = {}
+    out = xgb.Booster()
+    out.load_model(bytearray(json.dumps(merged).encode()))
+    return out
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p / (1 - p))
+
+
+def mean_margin(scores: list[np.ndarray]) -> np.ndarray:
+    """Probabilities of several models -> the probability of their mean log-odds: what the booster
+    `average_boosters` makes of them predicts. One model's come back as they are."""
+    if len(scores) == 1:
+        return scores[0]
+    return 1.0 / (1.0 + np.exp(-np.mean([logit(p) for p in scores], axis=0)))
+
+
 def _n_trees(booster: xgb.Booster) -> int:
     """Trees to use: up to the best iteration when early stopping found one, else all (0)."""
     best = booster.attributes().get("best_iteration")

@@ -1,0 +1,51 @@
+"""02_tune's search space: every starting point is a point of the space, and the trial's choices
+become the XGBoost parameters the final refit uses (leaf-wise trees unbounded in depth)."""
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import optuna
+import pytest
+import xgboost as xgb
+
+from rareml.model import ENCODINGS
+
+tune = importlib.import_module("02_tune")
+
+
+@pytest.mark.parametrize("start", tune.STARTS, ids=[f"start{i}" for i in range(len(tune.STARTS))])
+def test_every_start_is_a_point_of_the_search_space(start):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # FixedTrial warns about a value outside its distribution
+        params, encoding = tune.suggest(optuna.trial.FixedTrial(start), spw_max=15.0)
+    assert encoding == start["encoding"] in ENCODINGS
+    assert {k: v for k, v in params.items() if k != "max_depth" or start["grow_policy"] == "depthwise"} == \
+        {k: v for k, v in start.items() if k != "encoding"}
+
+
+def test_leafwise_trees_are_bounded_by_leaves_not_depth():
+    lossguide = tune.xgb_params({"grow_policy": "lossguide", "max_leaves": 7, "learning_rate": 0.1, "encoding": "native"})
+    assert lossguide == {"grow_policy": "lossguide", "max_leaves": 7, "max_depth": 0, "learning_rate": 0.1}
+    depthwise = tune.xgb_params({"grow_policy": "depthwise", "max_depth": 4, "encoding": "ordinal"})
+    assert depthwise == {"grow_policy": "depthwise", "max_depth": 4}
+
+
+def test_sampled_trials_give_parameters_xgboost_trains_with():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(300, 4)), rng.integers(0, 2, 300)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        params, _ = tune.suggest(trial, spw_max=3.0)
+        seen.add(params["grow_policy"])
+        booster = xgb.train({"objective": "binary:logistic", "verbosity": 0} | params, xgb.DMatrix(X, label=y), 3)
+        # a text dump indents each node by its depth in tabs
+        depth = max(len(line) - len(line.lstrip("\t")) for tree in booster.get_dump() for line in tree.splitlines())
+        if params["grow_policy"] == "depthwise":
+            assert depth <= params["max_depth"]
+        study.tell(trial, 0.0)
+    assert seen == {"depthwise", "lossguide"}
