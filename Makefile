@@ -87,6 +87,7 @@ bench-serve: setup ## API speed: /predict vs /health, /predict/batch vs raw XGBo
 	$(PY) benchmarks/serve.py --artifacts $(ARTIFACTS) --workers $(WORKERS)
 
 DATASET ?= credit_data
+SPLIT ?= 0
 BENCH_VENV ?= .venv-bench
 $(BENCH_VENV)/.installed: benchmarks/requirements-peers.txt
 	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
@@ -95,7 +96,7 @@ $(BENCH_VENV)/.installed: benchmarks/requirements-peers.txt
 	@touch $@
 
 peers: setup $(BENCH_VENV)/.installed ## rareml vs FLAML, AutoGluon and baselines at equal BUDGET on DATASET
-	$(BENCH_VENV)/bin/python benchmarks/peers.py --dataset $(DATASET) --budget $(BUDGET)
+	$(BENCH_VENV)/bin/python benchmarks/peers.py --dataset $(DATASET) --budget $(BUDGET) --split-seed $(SPLIT)
 
 mlflow-ui: setup ## browse the MLflow runs on http://127.0.0.1:5000
 	MLFLOW_ALLOW_FILE_STORE=true $(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-mlruns} --host 127.0.0.1 --port 5000

@@ -341,7 +341,7 @@ def write_report(result: dict, out: Path) -> list[str]:
     lines = [f"# Peer benchmark: {result['dataset']}, budget {result['budget_s']:g} s", "",
              f"Machine: {m['cpus']} cores, {m['ram_gib']} GiB RAM, Python {m['python']}, {m['platform']}, "
              f"{result['date']}. rareml {m['rareml_commit']}.", "", f"Packages: {pk}.", "",
-             f"Split: stratified 80/20 (random_state=0) of `{result['data_file']}` "
+             f"Split: stratified 80/20 ({result['split']['method'].split(', ')[-1].rstrip(')')}) of `{result['data_file']}` "
              f"(sha256 {result['data_sha256'][:16]}...): train {s['train_rows']} rows ({s['train_positives']} "
              f"positive), test {s['test_rows']} rows ({s['test_positives']} positive). "
              f"No-skill test AP {result['no_skill_average_precision']:.4f}.", "",
@@ -367,6 +367,9 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(CONTENDERS), help=f"comma-separated subset of {','.join(CONTENDERS)}")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (split, models, logs)")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="random_state of the 80/20 split (0: the committed table; others: repeats that "
+                             "show how much a small test set's figures move)")
     args = parser.parse_args()
     only = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = [c for c in only if c not in CONTENDERS]
@@ -374,12 +377,13 @@ def main() -> None:
         parser.error(f"unknown contender(s) {', '.join(unknown)} (known: {', '.join(CONTENDERS)})")
 
     config, path, raw, y, features = load_dataset(args.dataset)
-    train_df, test_df, ytr, yte = train_test_split(raw, y, test_size=0.2, stratify=y, random_state=0)
+    train_df, test_df, ytr, yte = train_test_split(raw, y, test_size=0.2, stratify=y,
+                                                   random_state=args.split_seed)
     xtr, xte, cats, nums = typed_features(train_df, test_df, features, config.get("categorical", []))
     result = {
         "dataset": args.dataset, "budget_s": args.budget, "data_file": str(path.relative_to(ROOT)),
         "data_sha256": sha256_bytes(path.read_bytes()),
-        "split": {"method": "train_test_split(test_size=0.2, stratify=y, random_state=0)",
+        "split": {"method": f"train_test_split(test_size=0.2, stratify=y, random_state={args.split_seed})",
                   "train_rows": len(train_df), "test_rows": len(test_df),
                   "train_positives": int(ytr.sum()), "test_positives": int(yte.sum()),
                   "train_sha256": frame_sha256(train_df), "test_sha256": frame_sha256(test_df)},
@@ -414,7 +418,8 @@ def main() -> None:
             print(f"working directory kept: {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    out = ROOT / "benchmarks" / "results" / f"peers-{args.dataset}-B{args.budget:g}"
+    out = ROOT / "benchmarks" / "results" / (f"peers-{args.dataset}-B{args.budget:g}" +
+                                              (f"-split{args.split_seed}" if args.split_seed else ""))
     if out.with_suffix(".json").exists():  # a partial re-run (--only) keeps the other contenders' rows
         earlier = json.loads(out.with_suffix(".json").read_text())
         if earlier["split"] == result["split"] and earlier["n_boot"] == result["n_boot"]:
