@@ -32,5 +32,5 @@ def tune(census_small: Path, folder: Path) -> dict:
 
 def test_same_seed_same_result(census_small, tmp_path):
     first, second = tune(census_small, tmp_path / "a"), tune(census_small, tmp_path / "b")
-    for key in ("params", "n_estimators", "fold_rounds", "cv", "best_trial"):
+    for key in ("params", "n_estimators", "fold_rounds", "cv", "best_trial", "ensemble", "oof_average_precision"):
         assert first[key] == second[key], key

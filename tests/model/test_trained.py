@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from rareml import metrics
+from rareml.data import LABEL
 from rareml.errors import RareMLError
 from rareml.features import to_records
 from rareml.model import load_model
@@ -51,6 +52,18 @@ def test_manifest_carries_what_serving_and_monitoring_need(model_dir):
     assert manifest["data"]["fingerprint"]["data_file_sha256"]
     assert manifest["versions"]["xgboost"] and set(manifest["files"]) == {"model.ubj", "calibrator.json",
                                                                             "examples.json"}
+
+
+def test_the_booster_holds_the_trees_of_every_trial_it_averages(trained, model_dir):
+    tuned = json.loads((trained / "artifacts" / "tuned.json").read_text())
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    members = tuned["ensemble"]
+    assert members[0]["trial"] == tuned["best_trial"] and 1 <= len(members) <= 5
+    assert [m["n_estimators"] for m in manifest["ensemble"]] == [m["n_estimators"] for m in members]
+    assert load_model(model_dir).booster.num_boosted_rounds() == sum(m["n_estimators"] for m in members)
+    oof = pd.read_parquet(trained / "artifacts" / "oof.parquet")
+    assert metrics.average_precision(oof[LABEL].to_numpy(), oof["score"].to_numpy()) == \
+        pytest.approx(tuned["oof_average_precision"])
 
 
 def test_examples_are_held_out_records_of_each_outcome(model_dir, test_split):
