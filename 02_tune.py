@@ -17,6 +17,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import xgboost as xgb
+from optuna.trial import TrialState as State
 from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
 
 from rareml import metrics
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner,
                                 study_name=f"{config.name}-xgboost")
-    for start in STARTS:
+    for start in STARTS[:args.n_trials]:  # with fewer trials allowed than starts, enqueue only those that run
         study.enqueue_trial(start)
     uri = setup_mlflow(config.name)
     import mlflow
@@ -284,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
                      "for the best alone", [m.number for m in members], metrics.average_precision(y, oof),
                      metrics.average_precision(y, members[0].oof))
         mlflow.log_metrics({"ensemble_size": len(members), "oof_average_precision": metrics.average_precision(y, oof)})
-        states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
+        ran = study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED, State.FAIL))
+        states = pd.Series([t.state.name for t in ran]).value_counts().to_dict()  # not the starts left waiting
         mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
         mlflow.log_metrics({"best_cv_average_precision": best.value, "tune_seconds": time.monotonic() - started,
                             **{f"best_cv_{k}": v for k, v in best.user_attrs["cv"].items()},
