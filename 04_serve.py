@@ -107,6 +107,7 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
     that concurrent batches share the cores instead of fighting over them. `alert_token`: the
     shared secret Alertmanager sends to POST /alerts (the webhook is off without one)."""
     model = load_model(model_dir)
+    model.compile()
     if threads:
         model.booster.set_param({"nthread": threads})
     encoder, store, metrics = model.encoder, Store(db, len(model.schema.names)), Metrics(model, fairness_bound)

@@ -152,6 +152,21 @@ class Model:
     def ensemble(self) -> TreeEnsemble:
         return TreeEnsemble.from_booster(self.booster, _n_trees(self.booster) or None)
 
+    def compile(self) -> None:
+        """Build the compiled trees now rather than on the first small request (0.3 s for 1,000
+        leaf-wise trees: a server's first requests would wait for it), and check them against
+        XGBoost on the saved examples; a mismatch is a RareMLError, so a server refuses to start."""
+        ensemble = self.ensemble
+        examples = [record for records in self.examples().values() for record in records]
+        if not examples:
+            return
+        rows = self.encoder.model_rows(self.encoder.encode_many(examples)[0])
+        compiled = ensemble.predict(rows)
+        expected = self.booster.inplace_predict(rows, iteration_range=(0, _n_trees(self.booster)))
+        if not np.allclose(compiled, expected, rtol=1e-5, atol=1e-7):
+            raise RareMLError(f"{self.folder}: the compiled trees disagree with XGBoost on the saved examples "
+                              f"(largest difference {np.max(np.abs(compiled - expected)):.3g})")
+
     def predict_rows(self, rows: np.ndarray) -> np.ndarray:
         """Calibrated probabilities for encoded rows (NaN for missing)."""
         if len(rows) <= self.SMALL:

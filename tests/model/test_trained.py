@@ -1,4 +1,5 @@
 """Behaviour of a model trained by the real stages on a slice of the census data."""
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -153,3 +154,13 @@ def test_registry_champion_serves_the_same_probabilities(trained, client, model_
     out = pyfunc.predict(test_split.head(25))
     expected = load_model(model_dir).predict_proba(test_split.head(25))
     assert np.allclose(out["probability"].to_numpy(), expected)
+
+
+def test_servers_check_the_compiled_trees_against_xgboost_before_serving(model_dir):
+    model = load_model(model_dir)
+    model.compile()  # the trained model: the compiled trees agree with XGBoost on its examples
+    assert "ensemble" in model.__dict__ and model.examples()["positive"]
+    ensemble = model.ensemble
+    model.__dict__["ensemble"] = dataclasses.replace(ensemble, split=ensemble.split + np.float32(0.5))
+    with pytest.raises(RareMLError, match="disagree with XGBoost"):
+        model.compile()
