@@ -26,12 +26,15 @@ COMPACT_EVERY = 6  # levels between two compactions of the one-row walk
 
 @dataclass(frozen=True)
 class TreeEnsemble:
-    """All nodes of all trees in flat arrays; a leaf points to itself, so extra steps stay put."""
+    """All nodes of all trees in flat arrays; a leaf points to itself, so extra steps stay put.
 
-    roots: np.ndarray  # first node of each tree
+    A node is addressed by its slot, twice its index: every per-node array holds each node twice,
+    and `children[slot + go_left]` is the slot of the child, so a step needs no multiplication."""
+
+    roots: np.ndarray  # slot of each tree's first node
     feature: np.ndarray
     split: np.ndarray  # float32 split value; the leaf value on leaves
-    children: np.ndarray  # right and left child of each node, interleaved: child = children[2 * node + go_left]
+    children: np.ndarray  # slots of the right and left child of each node, interleaved
     default_left: np.ndarray
     category_row: np.ndarray  # row of `in_set` for a categorical split, -1 otherwise
     in_set: np.ndarray  # [categorical splits, categories]: does this category go right?
@@ -65,13 +68,14 @@ class TreeEnsemble:
         for row, cats in enumerate(sets):
             in_set[row, cats] = True
         columns = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-        columns["children"] = np.stack([columns.pop("right"), columns.pop("left")], axis=1).ravel()
+        children = 2 * np.stack([columns.pop("right"), columns.pop("left")], axis=1).ravel()
         n_features = int(model["learner_model_param"]["num_feature"])
-        lookup = columns["feature"] + n_features * ~columns["default_left"]
-        return cls(roots=np.array([0] + [len(p["split"]) for p in parts[:-1]]).cumsum(), **columns,
-                   in_set=in_set, depth=depth, base_margin=_prob_to_margin(base), lookup=lookup,
-                   n_features=n_features, has_categories=bool(in_set.any()),
-                   is_leaf=columns["children"][0::2] == np.arange(columns["split"].size))
+        columns["lookup"] = columns["feature"] + n_features * ~columns["default_left"]
+        columns["is_leaf"] = children[0::2] == 2 * np.arange(children.size // 2)
+        slots = {key: np.repeat(value, 2) for key, value in columns.items()}
+        return cls(roots=2 * np.array([0] + [len(p["split"]) for p in parts[:-1]]).cumsum(), children=children,
+                   **slots, in_set=in_set, depth=depth, base_margin=_prob_to_margin(base),
+                   n_features=n_features, has_categories=bool(in_set.any()))
 
     def margin(self, X: np.ndarray) -> np.ndarray:
         """Raw log-odds for rows of model input (float32-able, NaN for missing)."""
@@ -101,7 +105,7 @@ class TreeEnsemble:
         of nodes instead of every tree."""
         if node.ndim > 1:
             for _ in range(self.depth):
-                node = self.children[2 * node + (values(node) < self.split[node])]
+                node = self.children[node + (values(node) < self.split[node])]
             return node
         out, where = node.copy(), np.arange(node.size)
         for level in range(self.depth):
@@ -111,7 +115,7 @@ class TreeEnsemble:
                 node, where = node[moving], where[moving]
                 if not node.size:
                     return out
-            node = self.children[2 * node + (values(node) < self.split[node])]
+            node = self.children[node + (values(node) < self.split[node])]
         out[where] = node
         return out
 
@@ -122,7 +126,7 @@ class TreeEnsemble:
             value = values(node)
             go_left = (value < self.split[node]) | (np.isnan(value) & self.default_left[node])
             go_left = self._categorical(node, value, go_left)
-            node = self.children[2 * node + go_left]
+            node = self.children[node + go_left]
         return node
 
     def _categorical(self, node: np.ndarray, value: np.ndarray, go_left: np.ndarray) -> np.ndarray:
