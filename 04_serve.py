@@ -13,6 +13,7 @@ import argparse
 import fcntl
 import gc
 import hmac
+import io
 import logging
 import os
 import re
@@ -40,6 +41,7 @@ log = logging.getLogger("04_serve")
 MAX_BATCH = 5000  # records per /predict/batch; more is a 413
 MAX_BODY = 16 * 2**20  # bytes per request body; more is a 413
 FAIRNESS_BOUND = 0.2  # largest selection-rate or true-positive-rate gap between groups before the alert
+INTERNAL_ERROR = {"error": "internal error: the server log has the details", "reason": "internal", "field": None}
 WINDOW = 1000  # recent predictions (and recent labels) behind the drift, fairness and live gauges
 
 
@@ -283,9 +285,47 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
     @app.errorhandler(Exception)
     def server_error(exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.path)
-        return {"error": "internal error: the server log has the details", "reason": "internal", "field": None}, 500
+        return INTERNAL_ERROR, 500
 
+    app.wsgi_app = _fast_predict(app.wsgi_app, encoder, score, metrics)
     return app
+
+
+def _fast_predict(flask_app, encoder, score, metrics):
+    """POST /predict, plain (JSON body, no query string) and valid, answered without Flask: its
+    request and response objects, routing and hooks cost ~0.1 ms, as much as the trees. Anything
+    else, a bad body included, goes to the Flask app, which answers and counts it as before."""
+    ok, latency = metrics.requests.labels("/predict", "200"), metrics.latency.labels("/predict")
+    headers = [("Content-Type", "application/json")]
+
+    def wsgi_app(environ, start_response):
+        length = environ.get("CONTENT_LENGTH") or ""
+        if (environ["REQUEST_METHOD"] != "POST" or environ.get("PATH_INFO") != "/predict"
+                or environ.get("QUERY_STRING") or environ.get("CONTENT_TYPE") != "application/json"
+                or not length.isdigit() or int(length) > MAX_BODY):
+            return flask_app(environ, start_response)
+        started = time.perf_counter()
+        stream = environ["wsgi.input"]
+        body = getattr(stream, "reader", stream).read(int(length))  # gunicorn: its length reader, in one call
+        try:
+            if len(body) != int(length):
+                raise InputError("incomplete body", "incomplete_body")
+            row, extras = encoder.encode(orjson.loads(body))
+        except (orjson.JSONDecodeError, InputError):
+            environ["wsgi.input"] = io.BytesIO(body)  # Flask reads it again and names the problem
+            return flask_app(environ, start_response)
+        try:
+            answer, status = orjson.dumps(score(row[None], [extras])[0]), "200 OK"
+        except Exception:  # as the Flask app's handler does: logged, a JSON 500
+            log.exception("unexpected error on POST /predict")
+            answer, status = orjson.dumps(INTERNAL_ERROR), "500 INTERNAL SERVER ERROR"
+        requests_ = ok if status == "200 OK" else metrics.requests.labels("/predict", "500")
+        requests_.inc()
+        latency.observe(time.perf_counter() - started)
+        start_response(status, [*headers, ("Content-Length", str(len(answer)))])
+        return [answer]
+
+    return wsgi_app
 
 
 def alert_payload(body: object) -> list[dict]:

@@ -69,6 +69,27 @@ def test_predict_answers_the_model_probability_and_decision(client, model, recor
     assert set(decisions) == {0, 1}
 
 
+def test_plain_predict_skips_flask_and_answers_as_the_flask_route(make_app, records, tmp_path):
+    """A plain POST /predict is answered by a WSGI fast path; a query string or a charset sends the
+    same record through the Flask route: the same answer, counted the same way."""
+    client = make_app(tmp_path / "p.db").test_client()
+    fast = client.post("/predict", data=json.dumps(records[0]), content_type="application/json")
+    routed = [client.post("/predict?explain=false", data=json.dumps(records[0]), content_type="application/json"),
+              client.post("/predict", data=json.dumps(records[0]), content_type="application/json; charset=utf-8")]
+    assert fast.status_code == 200 and fast.headers["Content-Type"] == "application/json"
+    for response in routed:
+        assert response.status_code == 200
+        assert {k: v for k, v in response.get_json().items() if k != "prediction_id"} == {
+            k: v for k, v in fast.get_json().items() if k != "prediction_id"}
+    assert len({r.get_json()["prediction_id"] for r in [fast, *routed]}) == 3
+    truncated = client.post("/predict", data=json.dumps(records[0])[:-5], content_type="application/json")
+    assert truncated.status_code == 400 and truncated.get_json()["reason"] == "malformed_json"
+    m = scrape(client)
+    assert sample(m, "rareml_requests_total", endpoint="/predict", status="200") == 3
+    assert sample(m, "rareml_requests_total", endpoint="/predict", status="400") == 1
+    assert sample(m, "rareml_request_latency_seconds_count", endpoint="/predict") == 4
+
+
 def test_record_key_order_does_not_matter(client, records):
     record = records[7]
     shuffled = dict(reversed(list(record.items())))
