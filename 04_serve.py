@@ -76,6 +76,8 @@ def _body_bytes() -> bytes:
     call. Anything else (the Flask test client, another server) goes through Flask."""
     reader = getattr(request.environ.get("wsgi.input"), "reader", None)
     length = request.content_length
+    if SHORT_BODY in request.environ:  # the fast path read it already
+        raise ApiError(400, "incomplete_body", f"the body ended after {request.environ[SHORT_BODY]} of {length} bytes")
     if type(reader).__name__ == "LengthReader" and length is not None and length <= MAX_BODY:
         data = reader.read(length)
         if len(data) == length:
@@ -84,6 +86,7 @@ def _body_bytes() -> bytes:
     return request.get_data(cache=False)
 
 
+SHORT_BODY = "rareml.short_body"  # set by the /predict fast path: bytes read of a body cut short
 NON_FINITE = re.compile(rb"(?<![\w\"])-?(NaN|Infinity)(?![\w\"])")
 
 
@@ -309,7 +312,8 @@ def _fast_predict(flask_app, encoder, score, metrics):
         body = getattr(stream, "reader", stream).read(int(length))  # gunicorn: its length reader, in one call
         try:
             if len(body) != int(length):
-                raise InputError("incomplete body", "incomplete_body")
+                environ[SHORT_BODY] = len(body)
+                raise InputError("the body was cut short", "incomplete_body")
             row, extras = encoder.encode(orjson.loads(body))
         except (orjson.JSONDecodeError, InputError):
             environ["wsgi.input"] = io.BytesIO(body)  # Flask reads it again and names the problem

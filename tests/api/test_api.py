@@ -3,6 +3,7 @@ bad input is a 4xx naming the problem, the log survives restarts, /metrics count
 and its gauges see drift."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -84,10 +85,17 @@ def test_plain_predict_skips_flask_and_answers_as_the_flask_route(make_app, reco
     assert len({r.get_json()["prediction_id"] for r in [fast, *routed]}) == 3
     truncated = client.post("/predict", data=json.dumps(records[0])[:-5], content_type="application/json")
     assert truncated.status_code == 400 and truncated.get_json()["reason"] == "malformed_json"
+    body, status = json.dumps(records[0]).encode(), []  # a body cut short of its Content-Length
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/predict", "SERVER_NAME": "localhost", "SERVER_PORT": "80",
+               "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body[:20]),
+               "wsgi.errors": io.StringIO(), "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body))}
+    cut = json.loads(b"".join(client.application(environ, lambda s, headers: status.append(s))))
+    assert status == ["400 BAD REQUEST"] and cut["reason"] == "incomplete_body"
+    assert cut["error"] == f"the body ended after 20 of {len(body)} bytes"
     m = scrape(client)
     assert sample(m, "rareml_requests_total", endpoint="/predict", status="200") == 3
-    assert sample(m, "rareml_requests_total", endpoint="/predict", status="400") == 1
-    assert sample(m, "rareml_request_latency_seconds_count", endpoint="/predict") == 4
+    assert sample(m, "rareml_requests_total", endpoint="/predict", status="400") == 2
+    assert sample(m, "rareml_request_latency_seconds_count", endpoint="/predict") == 5
 
 
 def test_record_key_order_does_not_matter(client, records):
