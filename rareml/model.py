@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -22,7 +23,13 @@ from rareml.predictor import TreeEnsemble
 
 BOOSTER_FILE, CALIBRATOR_FILE, MANIFEST_FILE = "model.ubj", "calibrator.json", "manifest.json"
 EXAMPLES_FILE = "examples.json"  # a few held-out records of each class, for the GUI's "load a real example"
-FORMAT_VERSION = 1
+# 2: the manifest's own content is checksummed and makes model_version; 1 (still read, with a warning): only the files
+FORMAT_VERSION = 2
+# Left out of model_version: the version itself, the manifest's checksum, and when the model was made, so that
+# training again on the same inputs gives the same version (the prediction log and the dashboards carry on).
+UNVERSIONED = ("model_version", "manifest_sha256", "trained_at")
+
+log = logging.getLogger(__name__)
 
 
 def base_params(seed: int) -> dict:
@@ -182,44 +189,93 @@ class Model:
         return self.booster.predict(data, pred_contribs=True, iteration_range=(0, _n_trees(self.booster)))
 
 
+def _canonical(manifest: Mapping, leave_out: Iterable[str]) -> bytes:
+    """The manifest's content, whatever the layout of its file: sorted keys, no spaces. JSON writes a float as
+    the shortest text that reads back as the same number, so a manifest read back hashes as the one written."""
+    leave_out = set(leave_out)
+    content = {key: value for key, value in manifest.items() if key not in leave_out}
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True).encode()
+
+
+def content_version(manifest: Mapping) -> str:
+    """12 hex digits of the SHA-256 of everything in the manifest but `UNVERSIONED`: threshold, schema,
+    reference, metrics, and the checksum of every file, examples included (they are what `compile` checks the
+    serving trees on and what the GUI shows; the same inputs pick the same ones, so the version stays stable)."""
+    return hashlib.sha256(_canonical(manifest, UNVERSIONED)).hexdigest()[:12]
+
+
+def manifest_sha256(manifest: Mapping) -> str:
+    """The SHA-256 of everything in the manifest but itself (trained_at and model_version included)."""
+    return hashlib.sha256(_canonical(manifest, ("manifest_sha256",))).hexdigest()
+
+
 def save_model(model_dir: Path, booster: xgb.Booster, calibrator: Calibrator, manifest: dict,
                examples: dict | None = None) -> dict:
-    """Write the model folder; the manifest records each file's SHA-256 and a content-derived version
-    (of the booster and calibrator: examples do not change what the model computes)."""
+    """Write the model folder; the manifest records each file's SHA-256, its own (`manifest_sha256`) and a
+    content-derived `model_version` (`content_version`), so a changed threshold or schema is refused on loading."""
+    reserved = set(manifest) & {"format_version", "files", *UNVERSIONED[:2]}
+    if reserved:
+        raise ValueError(f"save_model writes {', '.join(sorted(reserved))} itself")
     model_dir.mkdir(parents=True, exist_ok=True)
     booster.save_model(model_dir / BOOSTER_FILE)
     (model_dir / CALIBRATOR_FILE).write_text(json.dumps(calibrator.to_dict(), indent=2) + "\n")
-    files = {name: file_sha256(model_dir / name) for name in (BOOSTER_FILE, CALIBRATOR_FILE)}
-    version = hashlib.sha256("".join(files.values()).encode()).hexdigest()[:12]
+    names = [BOOSTER_FILE, CALIBRATOR_FILE]
     if examples is not None:
         (model_dir / EXAMPLES_FILE).write_text(json.dumps(examples, indent=1) + "\n")
-        files[EXAMPLES_FILE] = file_sha256(model_dir / EXAMPLES_FILE)
-    manifest = {"format_version": FORMAT_VERSION, "model_version": version, **manifest, "files": files}
+        names.append(EXAMPLES_FILE)
+    # through JSON text and back before hashing: what is hashed is what a reader parses (tuples come back as
+    # lists, numeric keys as strings)
+    content = json.loads(json.dumps({"format_version": FORMAT_VERSION, **manifest,
+                                     "files": {name: file_sha256(model_dir / name) for name in names}}))
+    manifest = {"format_version": FORMAT_VERSION, "model_version": content_version(content), **content}
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
     (model_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def verify_model_dir(model_dir: str | Path) -> dict:
-    """Read the manifest and check every file against its checksum, without loading the booster
+    """Read the manifest and check it and every file against their checksums, without loading the booster
     (so a process that will fork, like gunicorn's master, can check a model and stay XGBoost-free:
     XGBoost's thread pool does not survive a fork). Any problem is a RareMLError."""
     model_dir = Path(model_dir)
+    path = model_dir / MANIFEST_FILE
     try:
-        manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise RareMLError(f"no model at {model_dir}: run `make serialize` first") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RareMLError(f"{model_dir / MANIFEST_FILE} is corrupt: {exc}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise RareMLError(f"{model_dir}: unsupported model format {manifest.get('format_version')!r}")
-    for name, expected in manifest.get("files", {}).items():
-        path = model_dir / name
-        if not path.is_file() or file_sha256(path) != expected:
-            raise RareMLError(f"{path} is missing or does not match its checksum in the manifest")
-    if not {BOOSTER_FILE, CALIBRATOR_FILE} <= set(manifest.get("files", {})) <= {BOOSTER_FILE, CALIBRATOR_FILE,
-                                                                                 EXAMPLES_FILE}:
-        raise RareMLError(f"{model_dir / MANIFEST_FILE} does not list the model files")
+        raise RareMLError(f"{path} is corrupt: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise RareMLError(f"{path} is corrupt: not a JSON object")
+    if manifest.get("format_version") == FORMAT_VERSION:
+        intact = manifest.get("manifest_sha256") == manifest_sha256(manifest) and \
+            manifest.get("model_version") == content_version(manifest)
+    elif manifest.get("format_version") == 1:
+        intact = _format_1_intact(manifest, path)
+    else:
+        raise RareMLError(f"{model_dir}: unsupported model format {manifest.get('format_version')!r} "
+                          f"(this rareml reads formats 1 to {FORMAT_VERSION})")
+    if not intact:
+        raise RareMLError(f"{path} was changed after it was written: its content does not match model_version "
+                          f"{manifest.get('model_version')} (re-run `make serialize`)")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not {BOOSTER_FILE, CALIBRATOR_FILE} <= set(files) <= {
+            BOOSTER_FILE, CALIBRATOR_FILE, EXAMPLES_FILE}:
+        raise RareMLError(f"{path} does not list the model files")
+    for name, expected in files.items():
+        if not (model_dir / name).is_file() or file_sha256(model_dir / name) != expected:
+            raise RareMLError(f"{model_dir / name} is missing or does not match its checksum in the manifest")
     return manifest
+
+
+def _format_1_intact(manifest: dict, path: Path) -> bool:
+    """A format-1 manifest (before 2) checksums the files, not itself: its version is that of the booster and
+    calibrator. Still read, with a warning, so folders written before keep loading until serialized again."""
+    log.warning("%s is in model format 1: its threshold, schema and reference statistics are not covered by a "
+                "checksum; re-run `make serialize` to write format %d", path, FORMAT_VERSION)
+    files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    legacy = hashlib.sha256(f"{files.get(BOOSTER_FILE)}{files.get(CALIBRATOR_FILE)}".encode()).hexdigest()[:12]
+    return "manifest_sha256" not in manifest and manifest.get("model_version") == legacy
 
 
 def load_model(model_dir: str | Path) -> Model:

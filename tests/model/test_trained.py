@@ -1,7 +1,11 @@
 """Behaviour of a model trained by the real stages on a slice of the census data."""
 import dataclasses
+import hashlib
 import json
+import logging
 import os
+import re
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -13,7 +17,8 @@ from rareml import metrics
 from rareml.data import LABEL
 from rareml.errors import RareMLError
 from rareml.features import to_records
-from rareml.model import load_model
+from rareml.model import content_version, load_model, manifest_sha256, verify_model_dir
+from tests.conftest import run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +114,82 @@ def test_contributions_add_up_to_the_raw_score(model_dir, test_split):
     contribs = model.contributions(test_split.head(30))
     raw = model.booster.predict(model.dmatrix(test_split.head(30)))
     assert np.allclose(1 / (1 + np.exp(-contribs.sum(axis=1))), raw, atol=1e-5)
+
+
+def copy_of(model_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(model_dir, tmp_path / "artifacts" / "model"))
+
+
+def edit_manifest(folder: Path, change) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def test_the_manifest_is_checksummed_and_makes_the_version(model_dir):
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and re.fullmatch(r"[0-9a-f]{12}", manifest["model_version"])
+    assert content_version(manifest) == manifest["model_version"]  # floats, NaNs read back: the same digest
+    assert manifest_sha256(manifest) == manifest["manifest_sha256"]
+
+
+def swap_two_feature_names(manifest: dict) -> None:
+    a, b = manifest["schema"]["features"][:2]
+    a["name"], b["name"] = b["name"], a["name"]
+
+
+TAMPERING = {"threshold set to 0": lambda m: m["threshold"].update(threshold=0),
+             "two feature names swapped": swap_two_feature_names,
+             "a test metric edited": lambda m: m["metrics"]["test"].update(average_precision=0.999),
+             "the examples entry removed from files": lambda m: m["files"].pop("examples.json")}
+
+
+@pytest.mark.parametrize("change", TAMPERING.values(), ids=TAMPERING.keys())
+def test_a_changed_manifest_refuses_to_load(model_dir, tmp_path, change):
+    folder = copy_of(model_dir, tmp_path)
+    edit_manifest(folder, change)
+    for read in (verify_model_dir, load_model):
+        with pytest.raises(RareMLError, match="manifest.json was changed after it was written") as caught:
+            read(folder)
+        assert "\n" not in str(caught.value) and str(folder / "manifest.json") in str(caught.value)
+
+
+def test_the_server_refuses_a_changed_manifest_with_one_line(model_dir, tmp_path):
+    """04_serve.py's main checks the folder first (were it to start instead, the timeout fails the test)."""
+    folder = copy_of(model_dir, tmp_path)
+    edit_manifest(folder, lambda m: m["threshold"].update(threshold=0))
+    proc = run_stage("04_serve.py", "--artifacts", str(folder.parent), "--port", "0", cwd=tmp_path, check=False,
+                     timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    version = json.loads((model_dir / "manifest.json").read_text())["model_version"]
+    expected = (f"error: {folder / 'manifest.json'} was changed after it was written: its content does not match "
+                f"model_version {version} (re-run `make serialize`)")
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [expected]
+
+
+def test_serializing_the_same_inputs_again_gives_the_same_version(trained, census_small, model_dir, tmp_path):
+    again = tmp_path / "artifacts"
+    again.mkdir()
+    for name in ("train.parquet", "test.parquet", "prepared.json", "tuned.json", "oof.parquet"):
+        shutil.copy2(trained / "artifacts" / name, again / name)
+    run_stage("03_serialize.py", "--config", str(census_small), "--artifacts", str(again), "--bootstrap", "200",
+              "--no-mlflow", cwd=tmp_path)
+    first, second = (json.loads((folder / "manifest.json").read_text()) for folder in (model_dir, again / "model"))
+    assert second["model_version"] == first["model_version"]
+    assert {k for k in first if first[k] != second[k]} <= {"trained_at", "manifest_sha256"}
+
+
+def test_a_format_1_folder_still_loads_with_a_warning(model_dir, tmp_path, test_split, caplog):
+    """The folder as rareml wrote it before the manifest was checksummed (format 1)."""
+    folder = copy_of(model_dir, tmp_path)
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    legacy = hashlib.sha256((files["model.ubj"] + files["calibrator.json"]).encode()).hexdigest()[:12]
+    edit_manifest(folder, lambda m: (m.pop("manifest_sha256"), m.update(format_version=1, model_version=legacy)))
+    with caplog.at_level(logging.WARNING, logger="rareml.model"):
+        old = load_model(folder)
+    assert old.version == legacy and "model format 1" in caplog.text and "make serialize" in caplog.text
+    assert np.array_equal(old.predict_proba(test_split.head(50)), load_model(model_dir).predict_proba(
+        test_split.head(50)))
 
 
 @pytest.mark.parametrize("damage", ["model.ubj", "calibrator.json", "manifest.json", "examples.json"])
