@@ -8,6 +8,7 @@ child run under one parent run. Writes artifacts/tuned.json and artifacts/oof.pa
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from rareml.data import LABEL
 from rareml.errors import RareMLError
 from rareml.features import Schema, to_frame
 from rareml.model import ENCODINGS, base_params, dmatrix, mean_margin, raw_scores, train_booster
-from rareml.tracking import setup_mlflow
+from rareml.tracking import log_split, run_name, setup_mlflow
 
 log = logging.getLogger("02_tune")
 MAX_ROUNDS, EARLY_STOPPING, ES_SHARE = 2000, 100, 0.1
@@ -264,15 +265,17 @@ def main(argv: list[str] | None = None) -> None:
                                 study_name=f"{config.name}-xgboost")
     for start in STARTS[:args.n_trials]:  # with fewer trials allowed than starts, enqueue only those that run
         study.enqueue_trial(start)
-    uri = setup_mlflow(config.name)
     import mlflow
 
-    with mlflow.start_run(run_name="tune") as parent:
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "mlruns"))
+    uri = setup_mlflow(config.name)
+    with mlflow.start_run(run_name=run_name(config.name, "tune")) as parent:
         mlflow.log_params({"config": config.path.name, "cv_folds": k, "cv_repeats": repeats, "seed": config.seed,
                            "time_budget_s": args.time_budget, "n_trials_max": args.n_trials,
                            "train_rows": len(train), "train_positives": int(y.sum())})
         mlflow.set_tags({"stage": "tune", **{f"fingerprint.{k}": v for k, v in prepared["fingerprint"].items()}})
         mlflow.log_artifact(str(config.path), "config")
+        log_split(train, "train", layout.train, config, prepared)  # the test split is logged by 03, which uses it
         study.optimize(objective, n_trials=args.n_trials, catch=(),
                        show_progress_bar=sys.stderr.isatty())
         if objective.best_oof is None:

@@ -6,6 +6,7 @@ checksums); log it all to MLflow and register the `champion`.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 import warnings
@@ -26,7 +27,7 @@ from rareml.data import LABEL, numeric_reference
 from rareml.errors import RareMLError
 from rareml.features import Schema, to_frame, to_records
 from rareml.model import average_boosters, dmatrix, load_model, raw_scores, save_model, train_booster
-from rareml.tracking import setup_mlflow, ui_command
+from rareml.tracking import log_split, run_name, setup_mlflow, ui_command, ui_url
 
 log = logging.getLogger("03_serialize")
 SHAP_SAMPLE = 2000
@@ -64,13 +65,16 @@ def figures(y, p, raw, curve, choice, contribs, sample, names) -> dict:
             "shap_beeswarm.png": plots.shap_beeswarm(names, contribs, values)}
 
 
-def log_to_mlflow(config: Config, tuned: dict, layout: Layout, manifest: dict) -> dict:
-    """Log metrics and reports to the tuning's parent run; register the model; alias `champion`.
+def log_to_mlflow(config: Config, tuned: dict, layout: Layout, manifest: dict, prepared: dict,
+                  splits: dict[str, pd.DataFrame]) -> dict:
+    """Log metrics, reports and the splits (refit on train, evaluated on test) to the tuning's parent
+    run; register the model; alias `champion`.
     The pyfunc has no MLflow signature on purpose: MLflow's would refuse an int where the schema
     wants a float, and a missing value; the model's own schema (`to_frame`) checks its input."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "mlruns"))
     uri = setup_mlflow(config.name)
     warnings.filterwarnings("ignore", module="mlflow")
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # "no signature": on purpose, see above
@@ -78,8 +82,10 @@ def log_to_mlflow(config: Config, tuned: dict, layout: Layout, manifest: dict) -
         active = mlflow.start_run(run_id=tuned["mlflow"]["parent_run_id"])
     except MlflowException:
         log.warning("tuning run %s not found at %s: logging to a new run", tuned["mlflow"]["parent_run_id"], uri)
-        active = mlflow.start_run(run_name="serialize")
+        active = mlflow.start_run(run_name=run_name(config.name, "serialize"))
     with active as run_:
+        for part, frame in splits.items():  # the tuning run has train already: MLflow keeps one copy
+            log_split(frame, part, getattr(layout, part), config, prepared)
         test = manifest["metrics"]["test"]
         mlflow.log_metrics({f"test_{k}": v for k, v in test.items()})
         mlflow.log_metrics({f"test_{k}_ci_{end}": v for k, (lo, hi) in manifest["metrics"]["test_ci"].items()
@@ -96,7 +102,8 @@ def log_to_mlflow(config: Config, tuned: dict, layout: Layout, manifest: dict) -
         version = mlflow.register_model(info.model_uri, config.name, tags={"model_version": manifest["model_version"]})
         mlflow.MlflowClient().set_registered_model_alias(config.name, "champion", version.version)
     return {"tracking_uri": uri, "run_id": run_.info.run_id, "registered_model": config.name,
-            "version": version.version, "alias": "champion", "ui": ui_command(uri)}
+            "version": version.version, "alias": "champion", "ui": ui_command(uri),
+            "ui_url": ui_url(run_.info.experiment_id)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, fig in figures(y_test, p_test, raw_test, curve, choice, contribs, sample, schema.names).items():
         fig.savefig(layout.reports / name, dpi=110)
     write_json(layout.reports / "metrics.json", manifest["metrics"])
-    registry = None if args.no_mlflow else log_to_mlflow(config, tuned, layout, manifest)
+    registry = None if args.no_mlflow else log_to_mlflow(config, tuned, layout, manifest, prepared,
+                                                         {"train": train, "test": test})
     write_json(layout.root / "serialized.json", {"model_dir": layout.model_dir, "model_version":
                manifest["model_version"], "seconds": time.monotonic() - started, "mlflow": registry})
     ci = evaluation["average_precision"]
@@ -173,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{abs(late):.0f} s {'' if late > 0 else 'early'}".rstrip())
     if registry:
         print(f"MLflow runs:  {registry['tracking_uri']} (registered model {registry['registered_model']} "
-              f"v{registry['version']}, alias champion)\nMLflow UI:    {registry['ui']}")
+              f"v{registry['version']}, alias champion)\nMLflow UI:    {registry['ui']}\n"
+              f"              then {registry['ui_url']}")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ $(BENCH_VENV)/.installed: benchmarks/requirements-peers.txt
 peers: setup $(BENCH_VENV)/.installed ## rareml vs FLAML, AutoGluon and baselines at equal BUDGET on DATASET
 	$(BENCH_VENV)/bin/python benchmarks/peers.py --dataset $(DATASET) --budget $(BUDGET) --split-seed $(SPLIT)
 
-mlflow-ui: setup ## browse the MLflow runs on http://127.0.0.1:5000
+mlflow-ui: setup ## browse the MLflow runs on http://127.0.0.1:5000 (the training runs: the link below)
+	@echo "training runs: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	MLFLOW_ALLOW_FILE_STORE=true $(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-mlruns} --host 127.0.0.1 --port 5000
 
 clean: ## remove artifacts, MLflow runs and the Space folder (keeps .venv)
