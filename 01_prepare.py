@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     raw.index.name = "_row"
     prepared = prepare(raw, config)
     train, test, how = split(prepared.frame, config)
-    schema = infer_schema(train, prepared.kinds, config)
+    schema = infer_schema(train, prepared.kinds, config, prepared.ignored)
     for warning in split_warnings(train, test, prepared.kinds):
         log.warning("%s: consider adding it to `drop` in %s", warning, config.path.name)
     layout.root.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,12 @@ from rareml.model import Model, load_model
 from rareml.scoring import ApiScorer, LocalScorer
 
 SHOWN = 8  # the most important features get the form; the others wait, pre-filled, in "More features"
-REPORTS = ("pr_roc.png", "reliability.png", "shap_importance.png", "threshold.png")
+# The model card's figures, row by row: the wide one alone, the others in pairs (alt text for each)
+REPORTS = ({"pr_roc.png": "Precision-recall and ROC curves on the test split"},
+           {"reliability.png": "Reliability diagram: calibrated and uncalibrated probabilities",
+            "threshold.png": "Precision, recall and the chosen metric by threshold"},
+           {"shap_importance.png": "Global feature importance: mean absolute SHAP value"})
+MAX_FILE_SIZE = 2**20  # bytes: the app takes no files, but Gradio's upload route would store one of any size
 
 
 def feature_order(model: Model) -> list[Feature]:
@@ -87,6 +92,19 @@ def fairness_rows(model: Model) -> list[list]:
             for attribute, groups in model.manifest["metrics"].get("fairness", {}).items() for group, r in groups.items()]
 
 
+def figures(reports: Path) -> None:
+    """The model card's figures (those in `reports`), each whole at its own aspect, never enlarged:
+    a gallery's square thumbnails cropped the wide ones. Each figure carries its title, so no label."""
+    for row in REPORTS:
+        shown = {name: alt for name, alt in row.items() if (reports / name).is_file()}
+        if not shown:
+            continue
+        with gr.Row(equal_height=False):
+            for name, alt in shown.items():
+                gr.Image(str(reports / name), show_label=False, alt_text=alt, interactive=False, format="png",
+                         buttons=["fullscreen", "download"], elem_id=f"report-{Path(name).stem}")
+
+
 def build(artifacts: Path, api_url: str | None = None) -> gr.Blocks:
     """The app over ARTIFACTS/model (and ARTIFACTS/reports for the model card)."""
     model = load_model(artifacts / "model")
@@ -138,12 +156,15 @@ def build(artifacts: Path, api_url: str | None = None) -> gr.Blocks:
             load.click(load_example, [outcome, counter], inputs + [counter, note], api_name="load_example")
         with gr.Tab("Model card"):
             gr.Markdown(model_card(model))
-            reports = [artifacts / "reports" / name for name in REPORTS if (artifacts / "reports" / name).is_file()]
-            if reports:
-                gr.Gallery([str(p) for p in reports], columns=2, label="Curves and importance", height="auto")
+            figures(artifacts / "reports")
             gr.Dataframe(fairness_rows(model), headers=["attribute", "group", "n", "selection rate",
                                                         "true-positive rate"], label="Fairness on the test split")
     return demo
+
+
+def launch(demo: gr.Blocks, **options) -> None:
+    """Serve the app as `make gui` and the Space do: uploads capped at MAX_FILE_SIZE (413 beyond)."""
+    demo.launch(max_file_size=MAX_FILE_SIZE, theme=gr.themes.Soft(), **options)
 
 
 def main() -> None:
@@ -156,7 +177,7 @@ def main() -> None:
         demo = build(args.artifacts, os.environ.get("RAREML_API_URL"))
     except RareMLError as exc:
         raise SystemExit(f"error: {exc}") from None
-    demo.launch(server_name=args.host, server_port=args.port, theme=gr.themes.Soft())
+    launch(demo, server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,14 @@ TEST_FLAG = "_is_test"  # marks the rows of a separate test file (config `test_d
 
 @dataclass
 class Prepared:
-    """A validated dataset: the frame with a 0/1 `_label` column, the feature kinds, and what was dropped."""
+    """A validated dataset: the frame with a 0/1 `_label` column, the feature kinds, what was dropped,
+    and the table's columns that are neither feature nor sensitive attribute (dropped, target, time),
+    in table order: a record with them is still a row of this table (`Schema.ignored`)."""
 
     frame: pd.DataFrame
     kinds: dict[str, str]
     dropped: dict[str, str]
+    ignored: tuple[str, ...] = ()
 
 
 def frame_fingerprint(frame: pd.DataFrame) -> str:
@@ -129,7 +133,9 @@ def prepare(frame: pd.DataFrame, config: Config) -> Prepared:
         raise RareMLError("no usable feature columns left after dropping")
     keep = list(kinds) + [c for c in config.sensitive if c not in kinds] + [config.target, LABEL]
     keep += [c for c in (config.time, TEST_FLAG) if c and c in frame]
-    return Prepared(frame=frame[list(dict.fromkeys(keep))], kinds=kinds, dropped=dropped)
+    removed = set(dropped) | {config.target, config.time}
+    ignored = tuple(c for c in frame.columns if c in removed and c not in kinds and c not in config.sensitive)
+    return Prepared(frame=frame[list(dict.fromkeys(keep))], kinds=kinds, dropped=dropped, ignored=ignored)
 
 
 def split(frame: pd.DataFrame, config: Config) -> tuple[pd.DataFrame, pd.DataFrame, str]:
@@ -158,8 +164,9 @@ def split(frame: pd.DataFrame, config: Config) -> tuple[pd.DataFrame, pd.DataFra
     return train, test, how
 
 
-def infer_schema(train: pd.DataFrame, kinds: dict[str, str], config: Config) -> Schema:
-    """The schema from the training split only (levels and ranges never look at the test set)."""
+def infer_schema(train: pd.DataFrame, kinds: dict[str, str], config: Config, ignored: Iterable[str] = ()) -> Schema:
+    """The schema from the training split only (levels and ranges never look at the test set);
+    `ignored`: the columns a record may carry unused (`Prepared.ignored`)."""
     feats = []
     for col, kind in kinds.items():
         values = train[col]
@@ -177,7 +184,7 @@ def infer_schema(train: pd.DataFrame, kinds: dict[str, str], config: Config) -> 
         feats.append(Feature(col, CATEGORICAL, categories=tuple(levels), typical=str(counts.index[0]),
                              missing_rate=missing))
     return Schema(features=tuple(feats), target=config.target, positive=config.positive,
-                  sensitive=config.sensitive)
+                  sensitive=config.sensitive, ignored=tuple(ignored))
 
 
 def numeric_reference(values: np.ndarray, bins: int = 10) -> dict:

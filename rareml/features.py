@@ -40,6 +40,7 @@ class Schema:
     target: str
     positive: object
     sensitive: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()  # table columns the pipeline removed (dropped, target, time): a row may hold them
 
     @property
     def names(self) -> list[str]:
@@ -47,12 +48,15 @@ class Schema:
 
     def to_dict(self) -> dict:
         return {"target": self.target, "positive": self.positive, "sensitive": list(self.sensitive),
+                "ignored": list(self.ignored),
                 "features": [asdict(f) | {"categories": list(f.categories)} for f in self.features]}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Schema:
+        """The schema from `to_dict`'s form; a model folder written before `ignored` existed has none."""
         feats = tuple(Feature(**(dict(f) | {"categories": tuple(f["categories"])})) for f in d["features"])
-        return cls(features=feats, target=d["target"], positive=d["positive"], sensitive=tuple(d["sensitive"]))
+        return cls(features=feats, target=d["target"], positive=d["positive"], sensitive=tuple(d["sensitive"]),
+                   ignored=tuple(d.get("ignored", ())))
 
 
 def level_of(value: object) -> object:
@@ -108,7 +112,9 @@ UNSEEN = -1.0  # a categorical value never seen in training, before the model se
 class RecordEncoder:
     """Validates JSON records against the schema and encodes them as model input rows:
     numbers as floats, categories as their position among the training levels (the codes of
-    `to_frame`'s categoricals), missing (null) as NaN. Fast enough for one record per request."""
+    `to_frame`'s categoricals), missing (null) as NaN. Fast enough for one record per request.
+    A raw row of the training table is accepted: the columns the pipeline removed (`schema.ignored`)
+    are dropped unread; `ignored_fields` and `ignored_counts` say which ones a request carried."""
 
     def __init__(self, schema: Schema):
         self.schema = schema
@@ -122,6 +128,8 @@ class RecordEncoder:
         self.categorical = np.array([f.kind == CATEGORICAL for f in schema.features])
         self._numeric = np.flatnonzero(~self.categorical)
         self.allowed = set(self.names) | set(schema.sensitive)
+        self.ignored = frozenset(schema.ignored) - self.allowed  # a feature or sensitive attribute stays one
+        self.allowed |= self.ignored
         self._exact = frozenset(self.names)
         self._getter = operator.itemgetter(*self.names) if len(self.names) > 1 else lambda r: (r[self.names[0]],)
         self.extras = [a for a in schema.sensitive if a not in self.names]  # recorded, not model input
@@ -131,11 +139,10 @@ class RecordEncoder:
         that are not features)."""
         if not isinstance(record, dict):
             raise InputError(f"{where or 'the body '}must be a JSON object of feature values", "not_an_object")
-        if len(record) > len(self.names) or not self.allowed.issuperset(record):
+        if not self.allowed.issuperset(record):  # a feature, a sensitive attribute or an ignored column
             extra = sorted(set(record) - self.allowed)
-            if extra:
-                raise InputError(f"{where}unknown field {extra[0]!r}{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}:"
-                                 " GET /model lists the features", "extra_field", extra[0])
+            raise InputError(f"{where}unknown field {extra[0]!r}{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}:"
+                             " GET /model lists the features", "extra_field", extra[0])
         row = np.empty(len(self.names), dtype=np.float64)
         for i, (name, codes) in enumerate(zip(self.names, self.codes)):
             try:
@@ -145,6 +152,31 @@ class RecordEncoder:
                                  "missing_field", name) from None
             row[i] = _number(value, name, where) if codes is None else _code(value, codes, name, where)
         return row, {a: record.get(a) for a in self.extras}
+
+    def ignored_fields(self, record: dict) -> list[str]:
+        """The ignored fields (`schema.ignored`) an accepted record carried, sorted: for a metric. A
+        record with no more keys than features has none, and costs one length check."""
+        if len(record) <= len(self.names) or not self.ignored:
+            return []
+        return sorted(self.ignored.intersection(record))
+
+    def ignored_counts(self, sent: dict | list) -> dict[str, int]:
+        """Per ignored field, how many rows of an accepted body carried it, for a metric: one record,
+        a list of records (`encode_many`) or columns (`encode_columns`; told from a record by its
+        lists, which no accepted record holds for a feature)."""
+        if not self.ignored:
+            return {}
+        if isinstance(sent, dict):
+            if len(sent) <= len(self.names):  # the features and nothing else, in either form
+                return {}
+            if type(sent.get(self.names[0])) is not list:  # one record
+                return dict.fromkeys(sorted(self.ignored.intersection(sent)), 1)
+            return {name: len(sent[name]) for name in sorted(self.ignored.intersection(sent))}
+        n = len(self.names)
+        wide = [r for r in sent if len(r) > n]  # the others hold exactly the features
+        counts = {name: sum(map(operator.contains, wide, itertools.repeat(name, len(wide)))) for name in
+                  sorted(self.ignored)} if wide else {}
+        return {name: c for name, c in counts.items() if c}
 
     def unseen(self, rows: np.ndarray) -> np.ndarray:
         """Where encoded rows hold a category level never seen in training."""
@@ -163,10 +195,11 @@ class RecordEncoder:
             if not all([type(r) is dict and len(r) == len(names) for r in records]):  # noqa: C419 (a list is faster)
                 raise KeyError
             columns = list(zip(*map(self._getter, records)))  # one tuple of values per feature
-        except KeyError:
+        except KeyError:  # some record has other keys: all the features and only allowed ones, or `encode` names it
+            exact, allowed = self._exact, self.allowed
             for i, record in enumerate(records):
-                if type(record) is not dict or record.keys() != self._exact:
-                    self.encode(record, where=f"records[{i}]: ")  # raises, or passes (sensitive extras)
+                if type(record) is not dict or not (record.keys() >= exact and allowed.issuperset(record)):
+                    self.encode(record, where=f"records[{i}]: ")  # raises
             columns = list(zip(*map(self._getter, records)))
         rows = self._encode_columns(columns, n, "records[{}]: ")
         if not self.extras:

@@ -1,4 +1,5 @@
 """The dataset contract: validation, the schema, and no leakage between the splits."""
+import json
 import logging
 
 import numpy as np
@@ -7,7 +8,10 @@ import pytest
 
 from rareml.config import load_config
 from rareml.data import LABEL, infer_schema, load_table, load_tables, prepare, reference_stats, split, split_warnings
-from rareml.errors import RareMLError
+from rareml.errors import InputError, RareMLError
+from rareml.model import load_model
+from rareml.scoring import LocalScorer
+from tests.conftest import run_stage
 
 
 def frame(n=400, seed=0):
@@ -31,6 +35,19 @@ def test_constant_and_empty_columns_are_dropped_with_a_warning(tmp_path, caplog)
     assert prepared.dropped == {"const": "constant", "empty": "all values missing"}
     assert "dropping column 'const': constant" in caplog.text
     assert set(prepared.kinds) == {"num", "cat", "code", "period"}
+
+
+def test_the_columns_the_pipeline_removed_are_ignored_in_table_order(tmp_path):
+    """Dropped (by the config, as constant, as all missing), the target and the time column: a raw row
+    of the table may carry them; a sensitive attribute stays one even if dropped or constant."""
+    cfg = config(tmp_path, 'drop = ["code", "cat"]\ntime = "period"\nsensitive = ["cat", "const"]\n')
+    prepared = prepare(frame(), cfg)
+    assert prepared.ignored == ("code", "empty", "period", "y")
+    train, _, _ = split(prepared.frame, cfg)
+    schema = infer_schema(train, prepared.kinds, cfg, prepared.ignored)
+    assert schema.ignored == ("code", "empty", "period", "y") and schema.names == ["num"]
+    assert schema.sensitive == ("cat", "const")
+    assert prepare(frame(), config(tmp_path)).ignored == ("const", "empty", "y")
 
 
 def test_types_are_inferred_and_overridden(tmp_path):
@@ -152,3 +169,36 @@ def test_a_separate_test_file_is_the_test_split(tmp_path):
     data.drop(columns="cat").to_csv(tmp_path / "test.csv", index=False)
     with pytest.raises(RareMLError, match="different columns: cat"):
         load_tables(cfg)
+
+
+@pytest.mark.slow
+def test_a_raw_row_of_the_table_scores_through_the_real_stages(tmp_path):
+    """The three stages on a small table with a constant column: the schema in prepared.json and in
+    the manifest lists what the pipeline removed, and the model scores a row of the table as it is
+    as it scores the same row cut down to its features."""
+    data = frame(1200, seed=1).assign(weight=lambda f: np.arange(len(f)) / 7)
+    data.to_csv(tmp_path / "d.csv", index=False)
+    (tmp_path / "c.toml").write_text('name = "t"\ndata = "d.csv"\ntarget = "y"\npositive = 1\ndrop = ["weight"]\n'
+                                     'time = "period"\ncv_folds = 3\ncv_repeats = 1\n')
+    args = ["--config", str(tmp_path / "c.toml"), "--artifacts", str(tmp_path / "a")]
+    prepared = run_stage("01_prepare.py", *args, cwd=tmp_path)
+    assert "dropping column 'const': constant" in prepared.stderr
+    ignored = ["const", "empty", "period", "y", "weight"]  # in the table's order
+    assert json.loads((tmp_path / "a" / "prepared.json").read_text())["schema"]["ignored"] == ignored
+    run_stage("02_tune.py", *args, "--n-trials", "2", "--time-budget", "120", cwd=tmp_path)
+    run_stage("03_serialize.py", *args, "--bootstrap", "20", "--no-mlflow", cwd=tmp_path)
+    model = load_model(tmp_path / "a" / "model")
+    assert model.manifest["schema"]["ignored"] == ignored and list(model.schema.ignored) == ignored
+    table = pd.read_csv(tmp_path / "d.csv").tail(40)
+    raw = [{k: None if pd.isna(v) else v for k, v in row.items()} for row in table.to_dict("records")]
+    cut = [{k: r[k] for k in model.schema.names} for r in raw]
+    scorer, encoder = LocalScorer(model), model.encoder
+    assert [scorer.score(r)["probability"] for r in raw] == [scorer.score(r)["probability"] for r in cut]
+    np.testing.assert_array_equal(encoder.encode_many(raw)[0], encoder.encode_many(cut)[0])
+    columns = {k: [r[k] for r in raw] for k in raw[0]}
+    np.testing.assert_array_equal(encoder.encode_columns(columns)[0], encoder.encode_many(cut)[0])
+    assert encoder.ignored_fields(raw[0]) == sorted(ignored) and encoder.ignored_counts(raw) == dict.fromkeys(
+        sorted(ignored), len(raw))
+    with pytest.raises(InputError, match="unknown field 'height'") as caught:
+        encoder.encode(raw[0] | {"height": 180})
+    assert caught.value.field == "height"

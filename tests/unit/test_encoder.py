@@ -206,3 +206,78 @@ def test_batch_with_a_non_object_names_the_record():
 def test_empty_batch_is_an_empty_matrix():
     rows, extras = ENCODER.encode_many([])
     assert rows.shape == (0, len(SCHEMA.features)) and extras == []
+
+
+# A raw row of the user's table: the columns the pipeline removed (config `drop`, constant or all
+# missing, the target, the time column) are accepted and unread. "sex" is both sensitive and listed
+# as ignored: it stays sensitive; "job" is a feature listed as ignored: it stays a feature.
+RAW = Schema(SCHEMA.features, "y", 1, sensitive=("sex", "job"), ignored=("weight", "const", "y", "year", "sex", "job"))
+RAW_ENCODER = RecordEncoder(RAW)
+REMOVED = {"weight": 2.5, "const": {"any": ["value"]}, "y": 1, "year": math.nan}  # never read: never checked
+
+
+def test_a_raw_row_is_accepted_and_encodes_as_without_its_removed_columns():
+    for sent in (valid(), valid() | {"sex": "F"}):
+        row, extras = RAW_ENCODER.encode(sent | REMOVED)
+        expected, expected_extras = ENCODER.encode(sent)
+        np.testing.assert_array_equal(row, expected)
+        assert extras == expected_extras == {"sex": sent.get("sex")}  # sensitive wins over ignored
+    assert RAW_ENCODER.ignored == {"weight", "const", "y", "year"}
+    assert RAW_ENCODER.ignored_fields(valid() | REMOVED) == ["const", "weight", "y", "year"]
+    assert RAW_ENCODER.ignored_fields(valid() | {"sex": "F", "y": 0}) == ["y"]
+    assert RAW_ENCODER.ignored_fields(valid()) == [] and ENCODER.ignored_fields(valid() | {"sex": "F"}) == []
+    assert RAW_ENCODER.ignored_counts(valid() | REMOVED) == {"const": 1, "weight": 1, "y": 1, "year": 1}
+    assert RAW_ENCODER.ignored_counts(valid() | {"sex": "F"}) == {} == ENCODER.ignored_counts(valid() | {"sex": "F"})
+
+
+def test_a_removed_column_does_not_stand_for_a_feature():
+    record = valid() | REMOVED
+    del record["job"]  # listed as ignored, but a feature: still required
+    with pytest.raises(InputError) as caught:
+        RAW_ENCODER.encode(record)
+    assert (caught.value.reason, caught.value.field) == ("missing_field", "job")
+
+
+@pytest.mark.parametrize("unknown", [{"height": 180}, {"height": 180, "y": 1}, {"y": 1, "weight": 1, "zzz": 0}])
+def test_a_field_the_table_never_had_is_still_refused_by_name(unknown):
+    field = next(k for k in unknown if k not in RAW.ignored)
+    for encode in (RAW_ENCODER.encode, lambda r: RAW_ENCODER.encode_many([valid(), r])):
+        with pytest.raises(InputError) as caught:
+            encode(valid() | unknown)
+        assert (caught.value.reason, caught.value.field) == ("extra_field", field)
+        assert f"unknown field {field!r}" in str(caught.value)
+    with pytest.raises(InputError) as caught:
+        RAW_ENCODER.encode_columns({k: [v] for k, v in (valid() | unknown).items()})
+    assert (caught.value.reason, caught.value.field) == ("extra_field", field)
+    with pytest.raises(InputError):  # without `ignored` (a model folder from before), a removed column is unknown
+        ENCODER.encode(valid() | {"y": 1})
+
+
+def test_batches_of_raw_rows_encode_as_without_their_removed_columns():
+    batch = [valid(), valid() | {"age": None, "code": 7.5, "sex": "M"}, valid() | {"job": "manager", "income": -3}]
+    raw = [batch[0] | REMOVED, batch[1] | {"y": 0}, batch[2]]  # some records carry removed columns, some not
+    rows, extras = RAW_ENCODER.encode_many(raw)
+    expected, expected_extras = ENCODER.encode_many(batch)
+    np.testing.assert_array_equal(rows, expected)
+    assert extras == expected_extras == [{"sex": None}, {"sex": "M"}, {"sex": None}]
+    assert RAW_ENCODER.ignored_counts(raw) == {"const": 1, "weight": 1, "y": 2, "year": 1}
+    assert RAW_ENCODER.ignored_counts(batch) == {} and ENCODER.ignored_counts(raw[:1]) == {}
+    columns = {name: [r.get(name) for r in batch] for name in [*ENCODER.names, "sex"]}
+    by_column, column_extras = RAW_ENCODER.encode_columns(columns | {"y": [1, 0, 0], "year": [None] * 3})
+    np.testing.assert_array_equal(by_column, expected)
+    assert column_extras == expected_extras
+    assert RAW_ENCODER.ignored_counts(columns | {"y": [1, 0, 0], "year": [None] * 3}) == {"y": 3, "year": 3}
+    assert RAW_ENCODER.ignored_counts(columns) == {}
+
+
+def test_a_bad_record_among_raw_rows_names_itself():
+    raw = [valid() | REMOVED, valid() | {"y": 0}, valid() | {"y": 0, "age": "31"}]
+    with pytest.raises(InputError) as caught:
+        RAW_ENCODER.encode_many(raw)
+    assert str(caught.value).startswith("records[2]: ") and caught.value.field == "age"
+    missing = valid() | {"y": 0}
+    del missing["income"]
+    with pytest.raises(InputError) as caught:
+        RAW_ENCODER.encode_many([valid(), missing])
+    assert str(caught.value).startswith("records[1]: ") and (caught.value.reason, caught.value.field) == (
+        "missing_field", "income")

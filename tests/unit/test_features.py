@@ -46,3 +46,10 @@ def test_ordinal_encoding_is_the_level_position_and_keeps_missing():
     assert native.feature_types == ["float", "c", "c"] and ordinal.feature_types == ["float", "float", "float"]
     values = ordinal.get_data().toarray()  # sparse: missing cells are absent, not zero
     assert values[0].tolist() == [1.0, 1.0, 1.0] and values[1, 0] == 2.0 and ordinal.get_data()[1].nnz == 1
+
+
+def test_schema_keeps_its_ignored_columns_and_reads_a_manifest_without_them():
+    schema = Schema(SCHEMA.features, "y", 1, sensitive=("sex",), ignored=("const", "y", "year"))
+    assert Schema.from_dict(schema.to_dict()) == schema and schema.to_dict()["ignored"] == ["const", "y", "year"]
+    old = {k: v for k, v in schema.to_dict().items() if k != "ignored"}  # a model folder from before `ignored`
+    assert Schema.from_dict(old) == Schema(SCHEMA.features, "y", 1, sensitive=("sex",))
