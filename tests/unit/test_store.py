@@ -8,8 +8,9 @@ import sqlite3
 import numpy as np
 import pytest
 
+import rareml.store as store_module
 from rareml.features import UNSEEN
-from rareml.store import DuplicateFeedback, Store, UnknownPrediction
+from rareml.store import DuplicateFeedback, LogUnavailable, Store, UnknownPrediction
 
 N_FEATURES = 3
 
@@ -213,20 +214,19 @@ def test_written_in_the_background_and_found_by_another_process_right_away(tmp_p
     assert sorted(worker_b.labeled("v1", 10).label.tolist()) == [0, 1]
 
 
-def test_nothing_is_lost_while_the_log_cannot_be_written(tmp_path):
+def test_nothing_is_lost_while_the_log_cannot_be_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "BUSY_SECONDS", 0.01)
     store = Store(tmp_path / "log" / "p.db", N_FEATURES)
     log(store, 2)
     store.flush()
     blocker = sqlite3.connect(tmp_path / "log" / "p.db", timeout=0)
     blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the lock longer than the busy timeout
-    store._connect = lambda: sqlite3.connect(tmp_path / "log" / "p.db", timeout=0.01, isolation_level=None)
-    store._writer_conn = None
     log(store, 3, start=2)
-    try:  # fails while locked (here, or in the writer thread if it got there first)
+    with pytest.raises(LogUnavailable, match="locked"):
         store.flush()
-    except sqlite3.OperationalError:
-        pass
+    assert not store.status().writable and store.status().pending_requests == 1
     blocker.rollback()
     blocker.close()
     store.flush()  # the predictions kept in memory are written now
     assert len(store.window("v1", 10).probability) == 5
+    assert store.status().writable and store.status().pending_requests == 0
