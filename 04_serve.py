@@ -1,93 +1,79 @@
 """Stage 4: serve the model over HTTP: a Flask app (`create_app`) run by gunicorn (`main`).
 
-Endpoints: POST /predict, /predict/batch, /feedback; GET /health, /ready, /model, /metrics; and
-POST /alerts (Alertmanager's webhook, bearer token from RAREML_ALERT_TOKEN), GET /alerts.
-Records are checked against the model's schema and encoded by the same code as training
-(rareml.features); predictions and delayed labels go to a SQLite log shared by all workers, from
-which drift, fairness and live performance are computed over a sliding window when Prometheus
-scrapes, at most every `refresh` seconds. See the README for a curl call per endpoint.
+Endpoints: POST /predict, /predict/batch, /feedback; GET /health, /ready, /model, /metrics,
+/openapi.json, /docs; and POST /alerts (Alertmanager's webhook, bearer token from
+RAREML_ALERT_TOKEN), GET /alerts. What each does is `rareml.service.Service`; this file is the
+HTTP around it: one Blueprint per group of endpoints, one frozen `Settings` built once from the
+arguments and the environment, and a WSGI fast path for plain POST /predict that calls the same
+`Service.predict_one` and counts the same way. gunicorn runs it with `rareml.server` (requests
+read whole before a thread sees them, a drain on SIGTERM). See the README for a curl call per endpoint.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
 import gc
-import hmac
-import io
 import logging
 import os
-import re
 import shutil
 import sqlite3
 import tempfile
 import time
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import numpy as np
 import orjson
-from flask import Flask, Response, g, request
+from flask import Blueprint, Flask, Response, current_app, g, request
 from flask.json.provider import JSONProvider
 from werkzeug.exceptions import HTTPException
 
-from rareml import monitoring
 from rareml.cli import run
 from rareml.errors import InputError, RareMLError
-from rareml.model import load_model, verify_model_dir
-from rareml.scoring import explanation
-from rareml.store import DuplicateFeedback, Store, UnknownPrediction
-from rareml.telemetry import Metrics, observe_many
+from rareml.model import verify_model_dir
+from rareml.service import INTERNAL_ERROR, ApiError, Served, Service, query_int
+from rareml.store import Store
+from rareml.telemetry import Metrics
 
 log = logging.getLogger("04_serve")
 MAX_BATCH = 5000  # records per /predict/batch; more is a 413
 MAX_BODY = 16 * 2**20  # bytes per request body; more is a 413
 FAIRNESS_BOUND = 0.2  # largest selection-rate or true-positive-rate gap between groups before the alert
-INTERNAL_ERROR = {"error": "internal error: the server log has the details", "reason": "internal", "field": None}
-SHORT_BODY = "rareml.short_body"  # environ key the /predict fast path sets: bytes read of a body cut short
 WINDOW = 1000  # recent predictions (and recent labels) behind the drift, fairness and live gauges
+JSON_HEADERS = [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")]
 
 
-class ApiError(Exception):
-    """A client mistake: answered with `status` and a JSON message, counted by `reason`."""
+@dataclass(frozen=True)
+class Settings:
+    """Everything the API is told, read once at the edge (arguments, environment) and passed down."""
 
-    def __init__(self, status: int, reason: str, message: str, field: str | None = None):
-        super().__init__(message)
-        self.status, self.reason, self.field = status, reason, field
+    model_dir: Path = Path("artifacts/model")
+    db: Path = Path("artifacts/serving/predictions.db")
+    window: int = WINDOW
+    refresh: float = 5.0  # seconds between recomputing the window gauges
+    max_batch: int = MAX_BATCH
+    threads: int | None = None  # XGBoost threads per batch prediction (cores / workers)
+    alert_token: str | None = None  # the shared secret of POST /alerts (RAREML_ALERT_TOKEN)
+    fairness_bound: float = FAIRNESS_BOUND
+    fast_path: bool = True  # plain POST /predict without Flask (RAREML_FAST_PATH=0 turns it off)
+    retention: float | None = None  # seconds of predictions the log keeps (None: all)
+    # the server (main)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 2
+    worker_threads: int = 4  # threads per worker, each answering one whole request at a time
+    drain: float = 5.0  # seconds between SIGTERM and the stop, /ready answering 503
+    read_timeout: float = 15.0  # seconds for a client to send a whole request
 
-
-def read_body() -> object:
-    """The request's JSON body, or an ApiError naming what is wrong with it."""
-    if request.mimetype != "application/json":
-        raise ApiError(415, "wrong_content_type", f"Content-Type must be application/json, got "
-                       f"{request.mimetype or 'none'!r}")
-    raw = _body_bytes()
-    if not raw.strip():
-        raise ApiError(400, "empty_body", "the request body is empty: send a JSON object")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        if "infinity" in str(exc) or NON_FINITE.search(raw):
-            raise ApiError(422, "non_finite", "NaN and infinite numbers are not allowed: send null for an unknown "
-                           "value") from None
-        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
-
-
-def _body_bytes() -> bytes:
-    """The raw body. gunicorn's wsgi.input reads a body 1 KiB at a time with a buffer copy each
-    time (7 ms of a 1,000-record batch); its length reader underneath takes the whole body in one
-    call. Anything else (the Flask test client, another server) goes through Flask."""
-    length = request.content_length
-    if SHORT_BODY in request.environ:  # the /predict fast path read it already
-        raise ApiError(400, "incomplete_body", f"the body ended after {request.environ[SHORT_BODY]} of {length} bytes")
-    reader = getattr(request.environ.get("wsgi.input"), "reader", None)
-    if type(reader).__name__ == "LengthReader" and length is not None and length <= MAX_BODY:
-        data = reader.read(length)
-        if len(data) == length:
-            return data
-        raise ApiError(400, "incomplete_body", f"the body ended after {len(data)} of {length} bytes")
-    return request.get_data(cache=False)
-
-
-NON_FINITE = re.compile(rb"(?<![\w\"])-?(NaN|Infinity)(?![\w\"])")
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: dict | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+        model_dir = args.artifacts / "model"
+        return cls(**given | {
+            "model_dir": model_dir, "db": args.db or args.artifacts / "serving" / "predictions.db",
+            "threads": max(1, (os.cpu_count() or 1) // args.workers),
+            "alert_token": environ.get("RAREML_ALERT_TOKEN") or None,
+            "fast_path": environ.get("RAREML_FAST_PATH", "1") not in ("0", "false", "no"),
+            "retention": args.retention_days * 86400 if args.retention_days else None})
 
 
 class FastJSON(JSONProvider):
@@ -104,185 +90,147 @@ class FastJSON(JSONProvider):
         return Response(orjson.dumps(obj), mimetype="application/json")
 
 
-def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "artifacts/serving/predictions.db",
-               window: int = WINDOW, refresh: float = 5.0, max_batch: int = MAX_BATCH, threads: int | None = None,
-               alert_token: str | None = None, fairness_bound: float = FAIRNESS_BOUND) -> Flask:
+def service() -> Service:
+    return current_app.extensions["rareml"]
+
+
+def read_body() -> bytes:
+    """The request's raw JSON body, or an ApiError: wrong type, too large, cut short."""
+    if request.mimetype != "application/json":
+        raise ApiError(415, "wrong_content_type", f"Content-Type must be application/json, got "
+                       f"{request.mimetype or 'none'!r}")
+    return body_bytes(request.environ)
+
+
+def body_bytes(environ: dict) -> bytes:
+    """The raw body of a WSGI request, at most MAX_BODY bytes (413 past that, chunked or not; 400
+    when shorter than its Content-Length). gunicorn's wsgi.input reads 1 KiB at a time with a
+    buffer copy each time (7 ms of a 1,000-record batch): its reader underneath is read in one call."""
+    length = environ.get("CONTENT_LENGTH") or ""
+    stream = environ["wsgi.input"]
+    stream = getattr(stream, "reader", stream) if type(getattr(stream, "reader", None)).__name__ == "LengthReader" \
+        else stream
+    if length.isdigit():
+        if int(length) > MAX_BODY:
+            raise ApiError(413, "body_too_large", f"the body is larger than {MAX_BODY} bytes")
+        data = stream.read(int(length))
+        if len(data) != int(length):
+            raise ApiError(400, "incomplete_body", f"the body ended after {len(data)} of {length} bytes")
+        return data
+    data = stream.read(MAX_BODY + 1)  # chunked, or no length given
+    if len(data) > MAX_BODY:
+        raise ApiError(413, "body_too_large", f"the body is larger than {MAX_BODY} bytes")
+    return data
+
+
+predict = Blueprint("predict", __name__)
+feedback = Blueprint("feedback", __name__)
+alerts = Blueprint("alerts", __name__)
+operations = Blueprint("operations", __name__)
+
+
+@predict.post("/predict")
+def predict_one():
+    explain = request.args.get("explain", "").lower() in ("1", "true", "yes")
+    return service().predict_one(read_body(), explain, query_int(request.args.get("top"), "top", 10))
+
+
+@predict.post("/predict/batch")
+def predict_batch():
+    return service().predict_batch(read_body())
+
+
+@feedback.post("/feedback")
+def record_feedback():
+    return service().feedback(read_body())
+
+
+@alerts.post("/alerts")
+def receive_alerts():
+    return service().receive_alerts(read_body(), request.headers.get("Authorization", ""))
+
+
+@alerts.get("/alerts")
+def list_alerts():
+    return service().list_alerts(request.headers.get("Authorization", ""), request.args.get("limit"))
+
+
+@operations.get("/health")
+def health():
+    return {"status": "ok"}
+
+
+@operations.get("/ready")
+def ready():
+    return service().readiness()
+
+
+@operations.get("/model")
+def model_card():
+    return service().card()
+
+
+@operations.get("/metrics")
+def metrics():
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(service().exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(settings: Settings | str | Path = Settings(), db: str | Path | None = None, lifecycle=None,
+               **options) -> Flask:
     """The API over one verified model folder (a RareMLError if it is missing or corrupt).
-    `threads`: XGBoost threads per batch prediction; with several workers, cores / workers, so
-    that concurrent batches share the cores instead of fighting over them. `alert_token`: the
-    shared secret Alertmanager sends to POST /alerts (the webhook is off without one)."""
-    model = load_model(model_dir)
-    model.compile()
-    if threads:
-        model.booster.set_param({"nthread": threads})
-    encoder, store, metrics = model.encoder, Store(db, len(model.schema.names)), Metrics(model, fairness_bound)
-    threshold, version = model.threshold, model.version
-    names = np.array(model.schema.names)
-    lock_path = Path(db).with_suffix(".lock")
-    state = {"refreshed": 0.0}
+    `settings`: a Settings, or the model folder with `db` and any Settings field as keywords.
+    `lifecycle`: what the server shares with its workers (rareml.server.Lifecycle: draining)."""
+    if not isinstance(settings, Settings):
+        settings = Settings(Path(settings), Path(db) if db else Settings.db, **options)
+    elif db or options:
+        settings = replace(settings, **({"db": Path(db)} if db else {}) | options)
+    served = Served.load(settings.model_dir, settings.threads)
+    store = Store(settings.db, len(served.model.schema.names), retention=settings.retention)
+    svc = Service(served, store, Metrics(served.model, settings.fairness_bound), settings.window, settings.refresh,
+                  settings.max_batch, settings.alert_token,
+                  draining=(lambda: lifecycle.draining) if lifecycle is not None else None,
+                  lock_path=Path(settings.db).with_suffix(".lock"))
     app = Flask("rareml")
     app.json = FastJSON(app)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.extensions["rareml"] = svc
+    from rareml import openapi
 
-    def score(rows: np.ndarray, extras: list[dict]) -> list[dict]:
-        unseen = encoder.unseen(rows)
-        if unseen.any():
-            for name, count in zip(names, unseen.sum(axis=0)):
-                if count:
-                    metrics.unseen.labels(name).inc(int(count))
-        probability = model.predict_rows(np.where(unseen, np.nan, rows) if unseen.any() else rows)
-        decision = (probability >= threshold).astype(int)
-        ids = store.add_predictions(version, probability, decision, rows, extras)
-        positives = int(decision.sum())
-        metrics.positives.inc(positives)
-        metrics.negatives.inc(len(rows) - positives)
-        if len(probability) == 1:
-            metrics.probability.observe(float(probability[0]))
-        else:
-            observe_many(metrics.probability, probability)
-        return [{"probability": p, "decision": d, "threshold": threshold, "model_version": version,
-                 "prediction_id": i} for p, d, i in zip(probability.tolist(), decision.tolist(), ids)]
+    for blueprint in (predict, feedback, alerts, operations,
+                      openapi.blueprint(lambda: openapi.document(svc.served.model, max_batch=svc.max_batch))):
+        app.register_blueprint(blueprint)
+    _hooks(app, svc)
+    if settings.fast_path:
+        app.wsgi_app = fast_predict(app.wsgi_app, svc)
+    return app
 
-    @app.post("/predict")
-    def predict():
-        explained = request.args.get("explain", "").lower() in ("1", "true", "yes")
-        top = _top(request.args.get("top", "10"))
-        record = read_body()
-        row, extras = encoder.encode(record)
-        result = score(row[None], [extras])[0]
-        if explained:
-            result["explanation"] = explanation(model, row, record, top)
-        return result
 
-    @app.post("/predict/batch")
-    def predict_batch():
-        body = read_body()
-        if not isinstance(body, dict) or len(body) != 1 or not (
-                type(body.get("records")) is list or "columns" in body):
-            raise ApiError(422, "not_a_batch", 'the body must be {"records": [ {...}, ... ]} '
-                           'or {"columns": {"feature": [...], ...}}', "records")
-        records, columns = body.get("records"), body.get("columns")
-        n = len(records) if records is not None else encoder.column_length(columns)
-        if not n:
-            raise ApiError(422, "empty_batch", "the batch is empty", "records" if records is not None else "columns")
-        if n > max_batch:
-            raise ApiError(413, "batch_too_large", f"{n} records: at most {max_batch} per request",
-                           "records" if records is not None else "columns")
-        rows, extras = encoder.encode_many(records) if records is not None else encoder.encode_columns(columns)
-        return {"predictions": score(rows, extras), "model_version": version}
-
-    @app.post("/feedback")
-    def feedback():
-        body = read_body()
-        if not isinstance(body, dict) or set(body) - {"prediction_id", "label"}:
-            raise ApiError(422, "not_feedback", 'the body must be {"prediction_id": str, "label": 0 or 1}')
-        pid, label = body.get("prediction_id"), body.get("label")
-        if not isinstance(pid, str):
-            raise ApiError(422, "wrong_type", "prediction_id must be the string /predict returned", "prediction_id")
-        if type(label) is not int or label not in (0, 1):
-            raise ApiError(422, "wrong_type", "label must be 0 or 1", "label")
-        try:
-            store.add_feedback(pid, int(label))
-        except UnknownPrediction:
-            raise ApiError(404, "unknown_prediction", f"no prediction with id {pid!r}", "prediction_id") from None
-        except DuplicateFeedback:
-            raise ApiError(409, "duplicate_feedback", f"prediction {pid!r} already has a label",
-                           "prediction_id") from None
-        metrics.feedback.labels(str(int(label))).inc()
-        return {"prediction_id": pid, "label": int(label), "status": "recorded"}
-
-    @app.post("/alerts")
-    def alerts_webhook():
-        authorize()
-        alerts = alert_payload(read_body())
-        store.add_alerts(alerts)
-        for alert in alerts:
-            metrics.alerts.labels(alert["labels"]["alertname"], alert["status"]).inc()
-            log.warning("alert %s %s: %s", alert["labels"]["alertname"], alert["status"],
-                        alert.get("annotations", {}).get("summary", ""))
-        return {"recorded": len(alerts)}
-
-    @app.get("/alerts")
-    def alerts_list():
-        authorize()
-        return {"alerts": store.alerts(_top(request.args.get("limit", "100")))}
-
-    def authorize() -> None:
-        if not alert_token:
-            raise ApiError(503, "webhook_disabled", "the alert webhook is off: start the API with RAREML_ALERT_TOKEN set")
-        sent = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {alert_token}".encode()):
-            raise ApiError(401, "unauthorized", "missing or wrong bearer token for /alerts")
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    def ready():
-        try:
-            store.ping()
-        except Exception as exc:  # noqa: BLE001 (any failure means: not ready)
-            return {"status": "not ready", "reason": f"prediction log {db}: {exc}"}, 503
-        return {"status": "ready", "model_version": version}
-
-    @app.get("/model")
-    def model_card():
-        m = model.manifest
-        return {"name": m["name"], "model_version": version, "trained_at": m["trained_at"], "threshold": m["threshold"],
-                "metrics": {k: m["metrics"][k] for k in ("test", "test_ci", "validation", "no_skill", "fairness")},
-                "calibration": m["calibration"]["method"], "importance": m["importance"],
-                "target": model.schema.target, "positive": model.schema.positive,
-                "sensitive": list(model.schema.sensitive), "max_batch": max_batch,
-                "features": model.schema.to_dict()["features"]}
-
-    @app.get("/metrics")
-    def metrics_endpoint():
-        if time.monotonic() - state["refreshed"] >= refresh:
-            refresh_signals()
-        return Response(metrics.exposition(), mimetype="text/plain; version=0.0.4; charset=utf-8")
-
-    def refresh_signals() -> None:
-        """Recompute the window gauges, one process at a time (the others keep the latest values)."""
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return
-            metrics.update(monitoring.signals(model.schema, model.manifest["reference"], store.window(version, window),
-                                              store.labeled(version, window)))
-            state["refreshed"] = time.monotonic()
+def _hooks(app: Flask, svc: Service) -> None:
+    """Timing, counting, headers and errors: every answer is JSON (but /metrics and /docs), never a
+    traceback, and a 500 only for our own faults."""
 
     @app.before_request
     def start_timer():
         g.started = time.perf_counter()
 
-    children: dict[tuple[str, int], tuple] = {}  # labelled metrics, looked up once per endpoint and status
-
     @app.after_request
     def count(response: Response) -> Response:
-        key = (request.url_rule.rule if request.url_rule else "unmatched", response.status_code)
-        if key not in children:
-            children[key] = (metrics.requests.labels(key[0], str(key[1])), metrics.latency.labels(key[0]))
-        requests_, latency = children[key]
-        requests_.inc()
-        latency.observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        svc.observe(endpoint, response.status_code, time.perf_counter() - g.get("started", time.perf_counter()))
         return response
 
     @app.errorhandler(ApiError)
-    def api_error(exc: ApiError):
-        metrics.rejected.labels(exc.reason).inc()
-        return {"error": str(exc), "reason": exc.reason, "field": exc.field}, exc.status
-
     @app.errorhandler(InputError)
-    def input_error(exc: InputError):
-        return api_error(ApiError(422, exc.reason, str(exc), exc.field))
+    def client_error(exc):
+        return svc.error(exc)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         if exc.code == 413:
-            return api_error(ApiError(413, "body_too_large", f"the body is larger than {MAX_BODY} bytes"))
+            return svc.error(ApiError(413, "body_too_large", f"the body is larger than {MAX_BODY} bytes"))
         return {"error": exc.description, "reason": exc.name.lower().replace(" ", "_"), "field": None}, exc.code
 
     @app.errorhandler(Exception)
@@ -290,107 +238,57 @@ def create_app(model_dir: str | Path = "artifacts/model", db: str | Path = "arti
         log.exception("unexpected error on %s %s", request.method, request.path)
         return INTERNAL_ERROR, 500
 
-    app.wsgi_app = _fast_predict(app.wsgi_app, encoder, score, metrics)
-    return app
 
+def fast_predict(flask_app, svc: Service):
+    """POST /predict, plain (JSON body, no query string), answered without Flask: its request and
+    response objects, routing and hooks cost ~0.1 ms, as much as the trees. The same
+    `Service.predict_one`, the same error answers and the same counting as the Flask route;
+    anything else goes to the Flask app."""
 
-def _fast_predict(flask_app, encoder, score, metrics):
-    """POST /predict, plain (JSON body, no query string) and valid, answered without Flask: its
-    request and response objects, routing and hooks cost ~0.1 ms, as much as the trees. Anything
-    else, a bad body included, goes to the Flask app, which answers and counts it as before."""
-    ok, latency = metrics.requests.labels("/predict", "200"), metrics.latency.labels("/predict")
-    headers = [("Content-Type", "application/json")]
-
-    def wsgi_app(environ, start_response):
-        length = environ.get("CONTENT_LENGTH") or ""
+    def predict_fast(environ, start_response):
         if (environ["REQUEST_METHOD"] != "POST" or environ.get("PATH_INFO") != "/predict"
-                or environ.get("QUERY_STRING") or environ.get("CONTENT_TYPE") != "application/json"
-                or not length.isdigit() or int(length) > MAX_BODY):
+                or environ.get("QUERY_STRING") or environ.get("CONTENT_TYPE") != "application/json"):
             return flask_app(environ, start_response)
         started = time.perf_counter()
-        stream = environ["wsgi.input"]
-        body = getattr(stream, "reader", stream).read(int(length))  # gunicorn: its length reader, in one call
-        if len(body) != int(length):
-            environ[SHORT_BODY] = len(body)  # Flask answers with the lengths
-            return flask_app(environ, start_response)
         try:
-            row, extras = encoder.encode(orjson.loads(body))
-        except (orjson.JSONDecodeError, InputError):
-            environ["wsgi.input"] = io.BytesIO(body)  # Flask reads it again and names the problem
-            return flask_app(environ, start_response)
-        try:
-            answer, status = orjson.dumps(score(row[None], [extras])[0]), "200 OK"
+            answer, status = svc.predict_one(body_bytes(environ)), 200
+        except (ApiError, InputError) as exc:
+            answer, status = svc.error(exc)
         except Exception:  # as the Flask app's handler does: logged, a JSON 500
             log.exception("unexpected error on POST /predict")
-            answer, status = orjson.dumps(INTERNAL_ERROR), "500 INTERNAL SERVER ERROR"
-        requests_ = ok if status == "200 OK" else metrics.requests.labels("/predict", "500")
-        requests_.inc()
-        latency.observe(time.perf_counter() - started)
-        start_response(status, [*headers, ("Content-Length", str(len(answer)))])
-        return [answer]
+            answer, status = INTERNAL_ERROR, 500
+        body = orjson.dumps(answer)
+        start_response(f"{status} {_REASONS.get(status, 'ERROR')}", [*JSON_HEADERS, ("Content-Length", str(len(body)))])
+        svc.observe("/predict", status, time.perf_counter() - started)
+        return [body]
 
-    return wsgi_app
-
-
-def alert_payload(body: object) -> list[dict]:
-    """The alerts of an Alertmanager webhook body (version 4), checked field by field."""
-    if not isinstance(body, dict) or not isinstance(body.get("alerts"), list) or not body["alerts"]:
-        raise ApiError(422, "not_alerts", 'the body must be an Alertmanager webhook payload: {"version": "4", '
-                       '"alerts": [...]}', "alerts")
-    if body.get("version", "4") != "4":
-        raise ApiError(422, "wrong_version", f"webhook payload version {body.get('version')!r}: expected \"4\"",
-                       "version")
-    if len(body["alerts"]) > 1000:
-        raise ApiError(413, "too_many_alerts", "at most 1000 alerts per request", "alerts")
-    for i, alert in enumerate(body["alerts"]):
-        where = f"alerts[{i}]"
-        if not isinstance(alert, dict) or alert.get("status") not in ("firing", "resolved"):
-            raise ApiError(422, "not_an_alert", f'{where}.status must be "firing" or "resolved"', f"{where}.status")
-        labels = alert.get("labels")
-        if not isinstance(labels, dict) or not isinstance(labels.get("alertname"), str) or \
-                not all(isinstance(v, str) for v in labels.values()):
-            raise ApiError(422, "not_an_alert", f"{where}.labels must map names to strings, alertname included",
-                           f"{where}.labels")
-        if not isinstance(alert.get("annotations", {}), dict):
-            raise ApiError(422, "not_an_alert", f"{where}.annotations must be an object", f"{where}.annotations")
-        for key in ("startsAt", "fingerprint"):
-            if not isinstance(alert.get(key, ""), str):
-                raise ApiError(422, "not_an_alert", f"{where}.{key} must be a string", f"{where}.{key}")
-    return body["alerts"]
+    return predict_fast
 
 
-def _top(text: str) -> int:
-    try:
-        return max(1, min(int(text), 100))
-    except ValueError:
-        raise ApiError(422, "wrong_type", "top must be an integer", "top") from None
+_REASONS = {200: "OK", 400: "BAD REQUEST", 413: "REQUEST ENTITY TOO LARGE", 415: "UNSUPPORTED MEDIA TYPE",
+            422: "UNPROCESSABLE ENTITY", 500: "INTERNAL SERVER ERROR", 503: "SERVICE UNAVAILABLE"}
 
 
-def _gunicorn(app_factory, options: dict):
-    """gunicorn, configured in code: one command line, and the multiprocess metrics hook."""
-    from gunicorn.app.base import BaseApplication
+def _child_exit(store_args):
+    def hook(server, worker) -> None:
+        from prometheus_client import multiprocess
 
-    class Server(BaseApplication):
-        def load_config(self):
-            for key, value in options.items():
-                self.cfg.set(key, value)
+        multiprocess.mark_process_dead(worker.pid)
+        try:  # what the dead worker answered but had not written, now, not when a label asks for it
+            Store(*store_args).replay()
+        except Exception:
+            log.exception("cannot replay the journal of worker %d", worker.pid)
 
-        def load(self):
-            app = app_factory()
-            # the model, Flask and the libraries live as long as the worker: moved out of the
-            # collector's sight, a full collection no longer walks them (1.4 ms of every 1,000-record
-            # batch, whose parsed JSON triggers several)
-            gc.collect()
-            gc.freeze()
-            return app
-
-    return Server()
+    return hook
 
 
-def _child_exit(server, worker) -> None:
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(worker.pid)
+def _metrics_dir() -> str:
+    """A fresh folder for the workers' metric files (counts start at zero with each server), made
+    by us: inside PROMETHEUS_MULTIPROC_DIR when the user set one, which is never emptied or removed."""
+    parent = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix="rareml-metrics-", dir=parent or None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -399,34 +297,63 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
     parser.add_argument("--port", default=8000, type=int)
     parser.add_argument("--workers", default=2, type=int, help="gunicorn worker processes")
+    parser.add_argument("--worker-threads", dest="worker_threads", default=Settings.worker_threads, type=int,
+                        help="threads per worker, each answering one whole request at a time")
     parser.add_argument("--db", type=Path, help="prediction log (default: ARTIFACTS/serving/predictions.db)")
     parser.add_argument("--window", default=WINDOW, type=int, help="predictions behind the live gauges")
     parser.add_argument("--refresh", default=5.0, type=float, help="seconds between recomputing the live gauges")
-    parser.add_argument("--fairness-bound", default=FAIRNESS_BOUND, type=float,
+    parser.add_argument("--fairness-bound", dest="fairness_bound", default=FAIRNESS_BOUND, type=float,
                         help="largest acceptable gap in selection or true-positive rate between groups")
-    args = parser.parse_args(argv)
-    model_dir, db = args.artifacts / "model", args.db or args.artifacts / "serving" / "predictions.db"
-    manifest = verify_model_dir(model_dir)  # refuse to start on a missing or corrupt model, with the reason
+    parser.add_argument("--retention-days", type=float, help="keep this many days of predictions (default: all)")
+    parser.add_argument("--drain", default=Settings.drain, type=float,
+                        help="seconds between SIGTERM and the stop, /ready answering 503 meanwhile")
+    parser.add_argument("--read-timeout", dest="read_timeout", default=Settings.read_timeout, type=float,
+                        help="seconds a client has to send a whole request (then 408)")
+    settings = Settings.from_args(parser.parse_args(argv))
+    serve(settings)
+
+
+def serve(settings: Settings) -> None:
+    """Check the model and the log, then run gunicorn until it is stopped."""
+    from rareml.server import BufferedWorker, Lifecycle, Server
+
+    manifest = verify_model_dir(settings.model_dir)  # refuse to start on a missing or corrupt model, with the reason
+    store_args = (settings.db, len(manifest["schema"]["features"]))
     try:
-        Store(db, len(manifest["schema"]["features"])).ping()
+        store = Store(*store_args)
+        store.ping()
+        replayed = store.replay()  # predictions answered before a crash, still in their journals
     except (OSError, sqlite3.Error) as exc:
-        raise RareMLError(f"cannot open the prediction log {db}: {exc}") from None
-    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="rareml-metrics-")
-    shutil.rmtree(metrics_dir, ignore_errors=True)  # counts start at zero with each server
-    os.makedirs(metrics_dir)
+        raise RareMLError(f"cannot open the prediction log {settings.db}: {exc}") from None
+    if replayed:
+        log.warning("recovered %d answered predictions from the journals of processes that did not stop cleanly",
+                    replayed)
+    metrics_dir = _metrics_dir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    log.info("serving model %s from %s on http://%s:%d with %d workers (prediction log %s)", manifest["model_version"],
-             model_dir, args.host, args.port, args.workers, db)
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
-    alert_token = os.environ.get("RAREML_ALERT_TOKEN")  # the shared secret of POST /alerts (Alertmanager)
-    if not alert_token:
+    log.info("serving model %s from %s on http://%s:%d with %d workers x %d threads (prediction log %s)",
+             manifest["model_version"], settings.model_dir, settings.host, settings.port, settings.workers,
+             settings.worker_threads, settings.db)
+    if not settings.alert_token:
         log.info("RAREML_ALERT_TOKEN is not set: the /alerts webhook answers 503")
-    _gunicorn(lambda: create_app(
-        model_dir, db, args.window, args.refresh, threads=threads, alert_token=alert_token,
-        fairness_bound=args.fairness_bound), {
-        "bind": f"{args.host}:{args.port}", "workers": args.workers, "worker_class": "sync", "timeout": 60,
-        "child_exit": _child_exit, "accesslog": None, "errorlog": "-", "loglevel": "info",
-        "proc_name": "rareml-serve", "control_socket_disable": True}).run()
+    lifecycle = Lifecycle()
+    worker = type("Worker", (BufferedWorker,), {"read_timeout": settings.read_timeout, "max_body": MAX_BODY})
+
+    def load():
+        app = create_app(settings, lifecycle=lifecycle)
+        # the model, Flask and the libraries live as long as the worker: moved out of the collector's
+        # sight, a full collection no longer walks them (1.4 ms of every 1,000-record batch)
+        gc.collect()
+        gc.freeze()
+        return app
+
+    try:
+        Server(load, {
+            "bind": f"{settings.host}:{settings.port}", "workers": settings.workers, "worker_class": worker,
+            "threads": settings.worker_threads, "timeout": 60, "graceful_timeout": 30, "keepalive": 5,
+            "child_exit": _child_exit(store_args), "accesslog": None, "errorlog": "-", "loglevel": "info",
+            "proc_name": "rareml-serve", "control_socket_disable": True}, lifecycle, settings.drain).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)  # ours: made by _metrics_dir for this server
 
 
 if __name__ == "__main__":

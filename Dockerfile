@@ -33,5 +33,9 @@ VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
+# SIGTERM (docker stop, a rolling update): /ready turns 503 for --drain seconds (5) while requests are
+# still answered, then what was accepted is finished; give `docker stop -t` more than that (compose: 40 s).
+# Slow clients cannot hold the workers (rareml/server.py reads each request whole first): no proxy needed.
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "04_serve.py", "--artifacts", "/app/artifacts", "--db", "/data/predictions.db", "--host", "0.0.0.0", "--port", "8000"]
 CMD ["--workers", "2"]

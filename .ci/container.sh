@@ -77,4 +77,22 @@ curl -sf "http://127.0.0.1:$port/metrics" | grep -q '^rareml_predictions_total{d
 health=$(podman "${S[@]}" healthcheck run "$container" >/dev/null 2>&1 && echo healthy || echo unhealthy)
 echo "container healthcheck: $health"
 [ "$health" = healthy ]
+echo "== in the image too: 8 slow clients do not stall it, and a stop drains (/ready 503, then exit 0)"
+python3 - "$port" <<'PY'
+import socket, sys, time, urllib.request
+port = int(sys.argv[1])
+slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+for s in slow:
+    s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+worst = 0.0
+for _ in range(20):
+    started = time.perf_counter()
+    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30).read()
+    worst = max(worst, time.perf_counter() - started)
+print(f"/health beside 8 slow clients: slowest of 20 answers {worst * 1000:.0f} ms")
+assert worst < 2, worst
+PY
+podman "${S[@]}" stop -t 40 "$container" >/dev/null
+podman "${S[@]}" logs "$container" 2>&1 | grep -q "draining for" || { echo "no drain on stop"; exit 1; }
+[ "$(podman "${S[@]}" inspect "$container" --format '{{.State.ExitCode}}')" = 0 ]
 echo "container: ok"

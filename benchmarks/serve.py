@@ -3,7 +3,10 @@
 - requests/s and p50/p99 latency of POST /predict (one real record per request, cycling through
   the test split) against a bare GET /health of the same gunicorn server (target: >= 50%);
 - rows/s of POST /predict/batch (1,000-row batches) against raw `Booster.inplace_predict` on the
-  same rows in this process (target: >= 50%).
+  same rows in this process (target: >= 50%);
+- latency of a normal client (one request at a time, GET /health and POST /predict) alone, and
+  beside 8 slow clients (half send their headers a byte every 2 s, half announce a body and
+  stall): target p99 under 100 ms.
 
 Load comes from wrk (Debian package `wrk`; `make bench-serve` installs it). The server runs as
 `make serve` runs it: `04_serve.py` under gunicorn, here on a temporary port and prediction log.
@@ -12,15 +15,19 @@ Usage: python benchmarks/serve.py [--artifacts artifacts] [--seconds 10] [--work
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import http.client
 import json
 import os
 import platform
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -74,6 +81,51 @@ def wrk(url: str, seconds: int, connections: int, script: Path | None = None) ->
     return {"requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
             "p50_ms": ms("50%"), "p99_ms": ms("99%"), "non_2xx": int(bad.group(1)) if bad else 0,
             "socket_errors": errors.group(1) if errors else None}
+
+
+@contextlib.contextmanager
+def slow_clients(port: int, n: int = 8):
+    """`n` connections that hold a request open: half send their headers a byte every 2 s, half
+    announce a 100 kB body and send one byte of it."""
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    for i, s in enumerate(socks):
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n" if i % 2 else
+                  b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100000\r\n\r\n{")
+    stop = threading.Event()
+
+    def drip() -> None:
+        while not stop.wait(2.0):
+            for s in socks[1::2]:
+                with contextlib.suppress(OSError):
+                    s.send(b"X")
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        for s in socks:
+            s.close()
+
+
+def probe(port: int, seconds: float, body: bytes) -> dict:
+    """A normal client: GET /health and POST /predict in turn, one at a time, new connection each."""
+    times: dict[str, list[float]] = {"health": [], "predict": []}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for name, method, path, data in (("health", "GET", "/health", None), ("predict", "POST", "/predict", body)):
+            started = time.perf_counter()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            conn.request(method, path, data, {"Content-Type": "application/json"} if data else {})
+            conn.getresponse().read()
+            conn.close()
+            times[name].append((time.perf_counter() - started) * 1e3)
+        time.sleep(0.02)
+    return {name: {"n": len(v), "p50_ms": float(np.percentile(v, 50)), "p99_ms": float(np.percentile(v, 99)),
+                   "max_ms": max(v)} for name, v in times.items()}
 
 
 def raw_rows_per_s(model, rows: np.ndarray, seconds: float = 5) -> float:
@@ -147,6 +199,10 @@ def main() -> None:
         columns = {name: [r[name] for r in records] for name in model.schema.names}
         by_column = wrk(url, args.seconds, args.workers,
                         lua_script(work / "columns.lua", "/predict/batch", [json.dumps({"columns": columns})]))
+        record = json.dumps(records[0]).encode()
+        alone = probe(port, args.seconds, record)
+        with slow_clients(port, 8):
+            beside_slow = probe(port, args.seconds, record)
     finally:  # the whole process group: the master and its workers, whatever state they are in
         stop_group(proc)
     raw = raw_rows_per_s(model, rows)
@@ -160,13 +216,14 @@ def main() -> None:
         "health": health, "predict": predict, "batch": batched | {"rows_per_s": batch_rows},
         "batch_columns": by_column | {"rows_per_s": column_rows},
         "raw_inplace_predict_rows_per_s": raw, "batch_breakdown_ms": breakdown,
+        "normal_client_alone": alone, "normal_client_beside_8_slow_clients": beside_slow,
         "predict_vs_health": predict["requests_per_s"] / health["requests_per_s"],
         "batch_vs_raw": batch_rows / raw, "batch_columns_vs_raw": column_rows / raw}
     shutil.rmtree(work, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
     table = (f"# Serving speed ({time.strftime('%Y-%m-%d')}, {result['machine']})\n\n"
-             f"Model {model.version}: {result['trees']} trees; gunicorn with {args.workers} sync workers; "
+             f"Model {model.version}: {result['trees']} trees; gunicorn with {args.workers} buffered threaded workers; "
              f"wrk with {args.connections} connections (batch: {args.workers}), {args.seconds} s per row; "
              "server and load share the machine.\n\n"
              "| endpoint | requests/s | p50 ms | p99 ms | non-2xx |\n|---|---|---|---|---|\n" +
@@ -178,6 +235,12 @@ def main() -> None:
              f"- /predict/batch {batch_rows:,.0f} rows/s vs raw inplace_predict {raw:,.0f} rows/s: "
              f"**{result['batch_vs_raw']:.2f}x** (target >= 0.5)\n"
              f"- /predict/batch with columns {column_rows:,.0f} rows/s: **{result['batch_columns_vs_raw']:.2f}x**\n"
+             "\nA normal client (one request at a time), alone and beside 8 slow clients (target p99 < 100 ms):\n\n"
+             "| | /health p50 | /health p99 | /health max | /predict p50 | /predict p99 | /predict max |\n"
+             "|---|---|---|---|---|---|---|\n" +
+             "".join(f"| {name} | " + " | ".join(f"{r[e][k]:.1f}" for e in ("health", "predict")
+                                                 for k in ("p50_ms", "p99_ms", "max_ms")) + " |\n"
+                     for name, r in (("alone", alone), ("beside 8 slow clients", beside_slow))) +
              "\nWhere a 1,000-record batch spends its time (this process, ms): " +
              ", ".join(f"{k} {v:.1f}" for k, v in breakdown.items()) + ".\n")
     (args.out / "serve.md").write_text(table)

@@ -4,6 +4,7 @@ gauges keep the most recent value written by any worker (multiprocess_mode="most
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -13,6 +14,7 @@ import numpy as np
 from rareml import monitoring
 from rareml.model import Model
 
+log = logging.getLogger(__name__)
 PROBABILITY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -21,10 +23,18 @@ class Metrics:
     """The service's metrics, registered in a registry of their own (one per app: tests build many)."""
 
     def __init__(self, model: Model, fairness_bound: float):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            ProcessCollector,
+            disable_created_metrics,
+        )
 
         disable_created_metrics()  # no *_created series: half the exposition, and nothing reads them
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # memory, CPU, open files of the answering process
         reg, latest = {"registry": self.registry}, {"registry": self.registry, "multiprocess_mode": "mostrecent"}
         self.requests = Counter("rareml_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], **reg)
         self.latency = Histogram("rareml_request_latency_seconds", "Request latency", ["endpoint"],
@@ -67,6 +77,14 @@ class Metrics:
                               ["alertname", "status"], **reg)
         self.refreshed = Gauge("rareml_monitor_refresh_timestamp_seconds", "When the window gauges were computed",
                                **latest)
+        self.refresh_failures = Counter("rareml_monitor_refresh_failures", "Scrapes whose window gauges could not "
+                                        "be computed from the prediction log (the last values are kept)", **reg)
+        self.ignored = Counter("rareml_ignored_fields", "Fields sent that the pipeline dropped (accepted, ignored)",
+                               ["field"], **reg)
+        self.log_writable = Gauge("rareml_log_writable", "1 while the prediction log can be written (0 in any worker "
+                                  "gives 0)", multiprocess_mode="livemin", **reg)
+        self.log_pending = Gauge("rareml_log_pending_bytes", "Answered predictions not yet in the prediction log "
+                                 "(journaled, queued in memory)", multiprocess_mode="livesum", **reg)
 
     def update(self, s: monitoring.Signals) -> None:
         self.window_size.set(s.predictions)
@@ -88,13 +106,20 @@ class Metrics:
         self.refreshed.set(time.time())
 
     def exposition(self) -> bytes:
-        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+        """Every worker's metrics added up (multiprocess mode), plus this process's own resource use;
+        if the shared metric files cannot be read, this worker's metrics alone rather than no answer."""
+        from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest, multiprocess
 
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             return generate_latest(self.registry)
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
+        ProcessCollector(registry=registry)
+        try:
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        except Exception:
+            log.exception("cannot read the multiprocess metric files: answering with this worker's metrics")
+            return generate_latest(self.registry)
 
 
 def observe_many(histogram, values: np.ndarray) -> None:

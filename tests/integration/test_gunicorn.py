@@ -41,14 +41,19 @@ def call(port: int, method: str, path: str, body: bytes | None = None,
 class Server:
     """`python 04_serve.py` in its own process group, stopped by PID."""
 
-    def __init__(self, artifacts: Path, db: Path, log: Path):
+    def __init__(self, artifacts: Path, db: Path, log: Path, *extra: str, env: dict | None = None):
         self.port = free_port()
         self.log = log
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "04_serve.py"), "--artifacts", str(artifacts), "--port", str(self.port),
-             "--workers", "2", "--db", str(db), "--refresh", "0"], cwd=artifacts.parent,
+             "--workers", "2", "--db", str(db), "--refresh", "0", *extra], cwd=artifacts.parent,
             stdout=subprocess.DEVNULL, stderr=open(log, "ab"), start_new_session=True,  # noqa: SIM115
-            env=os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(db.parent / f"metrics-{self.port}")})
+            env=os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(db.parent / f"metrics-{self.port}")} | (env or {}))
+
+    def workers(self) -> list[int]:
+        """The PIDs of the master's worker processes."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return [int(pid) for pid in children]
 
     def wait_ready(self, seconds: float = 60) -> None:
         wait_http(f"http://127.0.0.1:{self.port}/ready", self.proc, seconds, self.log)
