@@ -7,9 +7,12 @@ log and deletes it.
 
     <log name>.journal/<pid>-<8 hex>/lock           flock'ed by its process for its life
     <log name>.journal/<pid>-<8 hex>/00000001.seg   MAGIC, then records: length, crc32, payload
+    <log name>.journal/create.lock, prune.lock      (rareml.store's: one process at a time)
 
 A record cut short (a write interrupted, a full disk) fails its crc and ends its segment; the
-segment is never appended to again. A segment is deleted once all its rows are in the log.
+segment is never appended to again. A segment is deleted once all its rows are in the log; when
+none waits, all are, and the next row starts a new segment: a journal holds only what is not yet
+in the log (so replay reads little, and a row deleted by retention never comes back).
 """
 from __future__ import annotations
 
@@ -46,11 +49,10 @@ def encode(key: str, ts: float, version: str, n: int, probability: bytes, decisi
     return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def decode(data: bytes, start: int = _HEAD.size) -> tuple:
-    """A row (key, ts, version, n, probability, decision, x, extras) from a framed record, or
-    from a bare payload with start=0."""
-    key, ts, n, nv, ne = _ROW.unpack_from(data, start)
-    at = start + _ROW.size
+def decode(data: bytes) -> tuple:
+    """The row (key, ts, version, n, probability, decision, x, extras) of a record's payload."""
+    key, ts, n, nv, ne = _ROW.unpack_from(data)
+    at = _ROW.size
     version, extras = data[at:at + nv].decode(), data[at + nv:at + nv + ne].decode() if ne else None
     at += nv + ne
     return key.decode(), ts, version, n, data[at:at + 8 * n], data[at + 8 * n:at + 9 * n], data[at + 9 * n:], extras
@@ -82,7 +84,7 @@ class Backlog:
         record = encode(*row)
         with self._lock:
             if self.bytes + len(record) > self.max_bytes:
-                raise BacklogFull(f"{self.bytes >> 20} MiB of predictions wait")
+                raise BacklogFull(f"{self.bytes / 2**20:.1f} MiB of predictions wait")
             if self._journal is None:
                 self._journal = Journal(self.root)
             self._queue.append((self._journal.append(record), row, len(record)))
@@ -364,12 +366,12 @@ def _records(data: bytes) -> Iterator[bytes]:
 def _folders(root: Path) -> list[Path]:
     try:
         return [root / name for name in sorted(os.listdir(root)) if _FOLDER.fullmatch(name)]
-    except FileNotFoundError:
+    except OSError:  # none yet, or not a folder: nothing to replay (writing it fails, and says so)
         return []
 
 
 def _segment_paths(folder: Path) -> list[Path]:
     try:
         return [folder / name for name in sorted(os.listdir(folder)) if _SEGMENT.fullmatch(name)]
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:
         return []

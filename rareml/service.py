@@ -199,7 +199,10 @@ class Service:
     def list_alerts(self, authorization: str, limit: str | None) -> dict:
         """GET /alerts: the latest alerts received."""
         self.authorize(authorization)
-        return {"alerts": self.store.alerts(query_int(limit, "limit", 100, high=1000))}
+        try:
+            return {"alerts": self.store.alerts(query_int(limit, "limit", 100, high=1000))}
+        except LogUnavailable as exc:
+            raise ApiError(503, "log_unavailable", f"the alerts cannot be read: {exc}") from None
 
     def authorize(self, authorization: str) -> None:
         if not self.alert_token:

@@ -213,7 +213,8 @@ class Store:
         try:
             waiting = self._backlog.add(row)
         except journal.BacklogFull as exc:
-            why = "; ".join(v for k, v in self._problems.items() if k != "backlog") or "the writes are slow"
+            with self._status_lock:
+                why = "; ".join(v for k, v in self._problems.items() if k != "backlog") or "the writes are slow"
             raise self._unavailable("backlog", f"backlog full: {exc} for {self.path.name} ({why})") from None
         except OSError as exc:
             raise self._unavailable("journal", exc) from None
@@ -376,7 +377,7 @@ class Store:
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
                 before = conn.total_changes
-                conn.executemany(_INSERT, [journal.decode(p, 0) for p in payloads[i:i + CHUNK_REQUESTS]])
+                conn.executemany(_INSERT, [journal.decode(p) for p in payloads[i:i + CHUNK_REQUESTS]])
                 added += conn.total_changes - before
         return added
 
