@@ -115,6 +115,8 @@ MAX_PENDING_BYTES = 256 << 20  # queued while the log cannot be written; then pr
 REPLAY_SECONDS = 5.0  # how often each writer looks for the journals of processes that are gone
 PROBE_SECONDS = 1.0  # how often a failing log is tried when nothing waits (status recovers unaided)
 PRUNE_SECONDS, PRUNE_BATCH = 300.0, 2000  # retention: rounds at most this often, rows per delete
+MIN_FREE_BYTES = 1 << 20  # less free on the log's filesystem: not writable (every process sees it, not
+# only the one whose write failed first; and the backlog keeps room to drain)
 BUSY_SECONDS = 10.0  # how long a write waits for another process's; then LogUnavailable
 WAIT_SECONDS = 1.0  # how long a reader waits for this process's writer before reading what is there
 _INSERT = ("INSERT OR IGNORE INTO requests (key, ts, model_version, n, probability, decision, x, extras) "
@@ -549,6 +551,9 @@ class Store:
         """Whether the log can be written now and why not (for /ready), and the backlog."""
         with self._status_lock:
             problems, replayed, failures = dict(self._problems), self._replayed, self._failures
+        free = _free_bytes(self.path.parent)
+        if free is not None and free < MIN_FREE_BYTES:
+            problems.setdefault("disk", f"the log's disk is full ({free // 1024} KiB free)")
         return LogStatus(not problems, "; ".join(problems.values()) or None, self._backlog.requests,
                          self._backlog.bytes, replayed, failures)
 
@@ -573,6 +578,16 @@ class Store:
     def _reason(self, exc: Exception) -> str:
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
         return text.replace(f"{self.path.parent.resolve()}{os.sep}", "").replace(f"{self.path.parent}{os.sep}", "")
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Bytes this process can still write on `folder`'s filesystem (root may use the reserved ones);
+    None if it cannot be told."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
 
 def _inode(path: Path) -> int:

@@ -170,12 +170,12 @@ def test_a_log_deleted_while_serving_is_recreated(start, records, tmp_path):
 
 @pytest.fixture()
 def small_disk(tmp_path):
-    """A 4 MiB tmpfs of our own (root only), unmounted afterwards."""
+    """A 16 MiB tmpfs of our own (root only), unmounted afterwards."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     mount = tmp_path / "disk"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True, timeout=30)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True, timeout=30)
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)
 
@@ -221,7 +221,8 @@ def test_a_full_disk_is_told_refused_and_recovered_from(start, records, small_di
         if call(port, "GET", "/ready")[0] == 200:
             break
         time.sleep(0.1)
-    assert call(port, "GET", "/ready")[0] == 200
+    status, out = call(port, "GET", "/ready")
+    assert status == 200, out
     assert call(port, "POST", "/feedback", json.dumps({"prediction_id": before[0], "label": 0}).encode())[0] == 200
     assert call(port, "POST", "/predict", body)[0] == 200
     server.stop()

@@ -230,3 +230,15 @@ def test_nothing_is_lost_while_the_log_cannot_be_written(tmp_path, monkeypatch):
     store.flush()  # the predictions kept in memory are written now
     assert len(store.window("v1", 10).probability) == 5
     assert store.status().writable and store.status().pending_requests == 0
+
+
+def test_a_nearly_full_disk_is_told_by_every_process_before_a_write_fails(store, monkeypatch):
+    log(store, 2)
+    assert store.status().writable
+    free = store_module._free_bytes(store.path.parent)
+    assert free is not None and free > 0
+    monkeypatch.setattr(store_module, "MIN_FREE_BYTES", free + (1 << 30))  # as if this much were needed
+    status = store.status()
+    assert not status.writable and "disk is full" in status.reason and str(store.path.parent) not in status.reason
+    monkeypatch.setattr(store_module, "MIN_FREE_BYTES", 0)
+    assert store.status().writable
