@@ -149,7 +149,7 @@ def test_categorical_splits_are_compiled_and_numpy_codes_mean_what_pandas_catego
 
 
 @pytest.mark.parametrize("name", ["categorical_partition", "categorical_onehot"])
-@pytest.mark.parametrize("code", [N_LEVELS, N_LEVELS + 1, 31, 32, 33, 63, 64, 999, 1e6])
+@pytest.mark.parametrize("code", [-3, -1, -0.5, 0.5, N_LEVELS - 0.5, N_LEVELS, N_LEVELS + 1, 31, 32, 33, 63, 64, 999, 1e6])
 def test_category_codes_beyond_the_known_levels_match_xgboost(name, code):
     c = case(name)
     X = c.query[:40].copy()
