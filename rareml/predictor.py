@@ -103,7 +103,7 @@ class TreeEnsemble:
         if self.cat_base.size:  # each category's column of `right_of` (as XGBoost: any value < 0 is invalid)
             value, past = X[:, self.cat_columns], self.in_set.shape[1]
             code = np.where(np.isnan(value), past + 2, np.floor(np.fmin(np.fmax(value, -1.0), past)).astype(np.intp) + 1)
-            parts.append(self.right_of[self.cat_base + code[:, self.cat_pos]])
+            parts.append(self.right_of.take(self.cat_base + code.take(self.cat_pos, axis=1)))  # take: 2x faster
         data, column = np.concatenate(parts, axis=1), self.lookup
         if len(X) == 1:  # one row: plain 1-d gathers, twice as fast as the general case
             x = data[0]
