@@ -1,10 +1,13 @@
 """Stage 3: refit with the best parameters (on small data, the few best trials, averaged into one
 booster), calibrate, choose the threshold, evaluate once on the untouched test split, explain, and
 write artifacts/model/ (XGBoost's own format, calibrator and threshold as JSON, manifest with
-checksums); log it all to MLflow and register the `champion`.
+checksums); log it all to MLflow and register it as the `challenger` (the first model of an
+artifacts folder is the `champion` too: see rareml/registry.py). `--promote [VERSION]` and
+`--rollback` move the aliases and train nothing.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -18,7 +21,7 @@ import pandas as pd
 import sklearn
 import xgboost as xgb
 
-from rareml import metrics, plots
+from rareml import metrics, plots, registry
 from rareml.artifacts import Layout, read_json, write_json
 from rareml.calibration import select_calibrator
 from rareml.cli import require, run, stage_parser
@@ -65,10 +68,28 @@ def figures(y, p, raw, curve, choice, contribs, sample, names) -> dict:
             "shap_beeswarm.png": plots.shap_beeswarm(names, contribs, values)}
 
 
+def lineage(layout: Layout, config: Config, prepared: dict, train: pd.DataFrame) -> dict:
+    """Where a model comes from: the champion it would replace, the data it saw, its time window."""
+    window = None
+    if config.time and config.time in train:
+        times = train[config.time].dropna()
+        window = {"column": config.time, "from": _plain(times.min()), "to": _plain(times.max())}
+    return {"parent": registry.version_of(layout.root, registry.CHAMPION), "window": window,
+            "split": prepared["split"], "rows": prepared["rows"],
+            "data_sha256": prepared["fingerprint"]["data_file_sha256"]}
+
+
+def _plain(value: object) -> object:
+    """A value as JSON holds it: numpy scalars as Python numbers, dates and the like as text."""
+    value = value.item() if isinstance(value, np.generic) else value
+    return value if isinstance(value, (int, float, str)) else str(value)
+
+
 def log_to_mlflow(config: Config, tuned: dict, layout: Layout, manifest: dict, prepared: dict,
-                  splits: dict[str, pd.DataFrame]) -> dict:
+                  splits: dict[str, pd.DataFrame], aliases: list[str]) -> dict:
     """Log metrics, reports and the splits (refit on train, evaluated on test) to the tuning's parent
-    run; register the model; alias `champion`.
+    run; register the model with its lineage as tags; give it the `aliases` it has locally
+    (`challenger`, and `champion` for the first model).
     The pyfunc has no MLflow signature on purpose: MLflow's would refuse an int where the schema
     wants a float, and a missing value; the model's own schema (`to_frame`) checks its input."""
     import mlflow
@@ -99,10 +120,20 @@ def log_to_mlflow(config: Config, tuned: dict, layout: Layout, manifest: dict, p
             artifacts={"model_dir": str(layout.model_dir)}, code_paths=[str(Path(__file__).parent / "rareml")],
             pip_requirements=[f"xgboost=={xgb.__version__}", f"scikit-learn=={sklearn.__version__}",
                               f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}"])
-        version = mlflow.register_model(info.model_uri, config.name, tags={"model_version": manifest["model_version"]})
-        mlflow.MlflowClient().set_registered_model_alias(config.name, "champion", version.version)
+        client = mlflow.MlflowClient()
+        try:
+            parent = client.get_model_version_by_alias(config.name, registry.CHAMPION).version
+        except MlflowException:
+            parent = None
+        line = manifest["lineage"]
+        version = mlflow.register_model(info.model_uri, config.name, tags={
+            "model_version": manifest["model_version"], "lineage.parent_model_version": str(line["parent"]),
+            "lineage.parent_mlflow_version": str(parent), "lineage.data_sha256": line["data_sha256"],
+            "lineage.window": json.dumps(line["window"]), "lineage.split": line["split"]})
+        for alias in aliases:
+            client.set_registered_model_alias(config.name, alias, version.version)
     return {"tracking_uri": uri, "run_id": run_.info.run_id, "registered_model": config.name,
-            "version": version.version, "alias": "champion", "ui": ui_command(uri),
+            "version": version.version, "aliases": aliases, "ui": ui_command(uri),
             "ui_url": ui_url(run_.info.experiment_id)}
 
 
@@ -110,7 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals")
     parser.add_argument("--no-mlflow", action="store_true", help="write the model folder only")
+    moves = parser.add_mutually_exclusive_group()
+    moves.add_argument("--promote", nargs="?", const="", metavar="VERSION",
+                       help="make VERSION (default: the challenger) the champion, and train nothing")
+    moves.add_argument("--rollback", action="store_true", help="the previous champion serves again; train nothing")
     args = parser.parse_args(argv)
+    if args.promote is not None or args.rollback:
+        move_aliases(args.artifacts, args.promote or None, args.rollback, not args.no_mlflow)
+        return
     config, layout = load_config(args.config), Layout(args.artifacts)
     tuned = read_json(require(layout.tuned, "tune"))
     oof = pd.read_parquet(require(layout.oof, "tune"))
@@ -153,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         # scores come from the fold models, distributed differently: PSI ~0.27 on the test split itself)
         "schema": schema.to_dict(), "reference": prepared["reference"] | {"__score__": numeric_reference(p_test)},
         "data": {"fingerprint": prepared["fingerprint"], "split": prepared["split"], "rows": prepared["rows"]},
+        "lineage": lineage(layout, config, prepared, train),
         "versions": {"python": platform.python_version(), "xgboost": xgb.__version__,
                      "scikit-learn": sklearn.__version__, "pandas": pd.__version__},
     })
@@ -164,10 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     for name, fig in figures(y_test, p_test, raw_test, curve, choice, contribs, sample, schema.names).items():
         fig.savefig(layout.reports / name, dpi=110)
     write_json(layout.reports / "metrics.json", manifest["metrics"])
-    registry = None if args.no_mlflow else log_to_mlflow(config, tuned, layout, manifest, prepared,
-                                                         {"train": train, "test": test})
+    local = registry.register(layout.root, layout.model_dir)
+    tracked = None if args.no_mlflow else log_to_mlflow(config, tuned, layout, manifest, prepared,
+                                                        {"train": train, "test": test}, local["aliases"])
     write_json(layout.root / "serialized.json", {"model_dir": layout.model_dir, "model_version":
-               manifest["model_version"], "seconds": time.monotonic() - started, "mlflow": registry})
+               manifest["model_version"], "aliases": local["aliases"], "seconds": time.monotonic() - started,
+               "mlflow": tracked})
     ci = evaluation["average_precision"]
     log.info("model %s: test AP %.4f [%.4f, %.4f] (no skill %.4f), ROC-AUC %.4f, Brier %.4f, %s calibration, "
              "threshold %.4f (%s): precision %.3f, recall %.3f", manifest["model_version"], ci.value, ci.low,
@@ -179,10 +220,29 @@ def main(argv: list[str] | None = None) -> None:
         late = time.time() - budget["ends_at"]
         print(f"time budget:  {budget['seconds']:.0f} s, {'exceeded by' if late > 0 else 'finished'} "
               f"{abs(late):.0f} s {'' if late > 0 else 'early'}".rstrip())
-    if registry:
-        print(f"MLflow runs:  {registry['tracking_uri']} (registered model {registry['registered_model']} "
-              f"v{registry['version']}, alias champion)\nMLflow UI:    {registry['ui']}\n"
-              f"              then {registry['ui_url']}")
+    champion = registry.version_of(layout.root, registry.CHAMPION)
+    if registry.CHAMPION in local["aliases"]:
+        print("serving:      this model is the champion (the first one here): make serve serves it")
+    else:
+        print(f"serving:      this model is the challenger; the champion {champion} still serves.\n"
+              f"              promote it by hand: make promote (make rollback undoes it)")
+    if tracked:
+        print(f"MLflow runs:  {tracked['tracking_uri']} (registered model {tracked['registered_model']} "
+              f"v{tracked['version']}, aliases {', '.join(tracked['aliases'])})\nMLflow UI:    {tracked['ui']}\n"
+              f"              then {tracked['ui_url']}")
+
+
+def move_aliases(root: Path, version: str | None, back: bool, mlflow_too: bool) -> None:
+    """make promote / make rollback: the local aliases, then MLflow's for the same models."""
+    moved = registry.rollback(root) if back else registry.promote(root, version)
+    if not moved["changed"]:
+        print(f"{moved['champion']} is already the champion: nothing changed")
+        return
+    name = read_json(root / registry.MODELS / moved["champion"] / "manifest.json")["name"]
+    in_mlflow = registry.sync_mlflow(name, {registry.CHAMPION: moved["champion"], registry.PREVIOUS: moved["previous"]})
+    print(f"champion:     {moved['champion']} (was {moved['previous']}, now the alias previous)\n"
+          f"serving:      a server started now serves it (restart a running one: make serve)"
+          + (f"\nMLflow:       {name} champion = v{in_mlflow['champion']}" if "champion" in in_mlflow else ""))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from flask import Blueprint, Flask, Response, current_app, g, request
 from flask.json.provider import JSONProvider
 from werkzeug.exceptions import HTTPException
 
-from rareml import openapi
+from rareml import openapi, registry
 from rareml.cli import run
 from rareml.errors import InputError, RareMLError
 from rareml.model import verify_model_dir
@@ -68,7 +68,7 @@ class Settings:
     def from_args(cls, args: argparse.Namespace, environ: dict | None = None) -> Settings:
         environ = os.environ if environ is None else environ
         given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-        model_dir = args.artifacts / "model"
+        model_dir = registry.serving_dir(args.artifacts)  # the champion (rareml/registry.py)
         return cls(**given | {
             "model_dir": model_dir, "db": args.db or args.artifacts / "serving" / "predictions.db",
             "threads": max(1, (os.cpu_count() or 1) // args.workers),
@@ -292,7 +292,7 @@ def _metrics_dir() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifacts", default="artifacts", type=Path, help="folder holding model/ (make serialize)")
+    parser.add_argument("--artifacts", default="artifacts", type=Path, help="folder holding the champion (make serialize)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
     parser.add_argument("--port", default=8000, type=int)
     parser.add_argument("--workers", default=2, type=int, help="gunicorn worker processes")

@@ -13,7 +13,7 @@ WORKERS ?= 2
 export MLFLOW_DISABLE_TELEMETRY ?= true
 STAGE_ARGS = --config $(CONFIG) --artifacts $(ARTIFACTS)
 
-.PHONY: help setup lint all prepare tune serialize serve gui space publish-space simulate monitor monitor-stop test benchmark bench-serve peers mlflow-ui clean
+.PHONY: help setup lint all prepare tune serialize serve promote rollback gui space publish-space simulate monitor monitor-stop test benchmark bench-serve peers mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,8 +48,15 @@ tune: setup ## 02: Optuna search over XGBoost, each trial an MLflow child run (B
 serialize: setup ## 03: refit, calibrate, threshold, evaluate, write $(ARTIFACTS)/model, register champion
 	$(PY) 03_serialize.py $(STAGE_ARGS)
 
-serve: setup ## 04: the API under gunicorn on http://HOST:PORT (WORKERS processes); serves ARTIFACTS/model
+serve: setup ## 04: the API under gunicorn on http://HOST:PORT (WORKERS processes); serves the champion
 	$(PY) 04_serve.py --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
+VERSION ?=
+promote: setup ## the challenger (or VERSION=...) becomes the champion; the old one the alias previous
+	$(PY) 03_serialize.py --config $(CONFIG) --artifacts $(ARTIFACTS) --promote $(VERSION)
+
+rollback: setup ## the previous champion serves again (champion and previous swap)
+	$(PY) 03_serialize.py --config $(CONFIG) --artifacts $(ARTIFACTS) --rollback
 
 gui: PORT = 7860
 gui: setup ## the Gradio GUI on http://127.0.0.1:PORT (7860), over ARTIFACTS/model (RAREML_API_URL: score via the API)

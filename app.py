@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from rareml import registry
 from rareml.errors import RareMLError
 from rareml.features import CATEGORICAL, Feature
 from rareml.model import Model, load_model
@@ -107,7 +108,7 @@ def figures(reports: Path) -> None:
 
 def build(artifacts: Path, api_url: str | None = None) -> gr.Blocks:
     """The app over ARTIFACTS/model (and ARTIFACTS/reports for the model card)."""
-    model = load_model(artifacts / "model")
+    model = load_model(registry.serving_dir(artifacts))  # the champion, as the API serves
     scorer = ApiScorer(api_url) if api_url else LocalScorer(model)
     features = feature_order(model)
     examples = model.examples()

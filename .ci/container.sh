@@ -53,7 +53,9 @@ cleanup() {
 trap cleanup EXIT
 cp -r Dockerfile .dockerignore requirements-serve.txt 04_serve.py rareml "$context/"
 rm -rf "$context/rareml/__pycache__"
-mkdir -p "$context/artifacts" && cp -r "$artifacts/model" "$context/artifacts/model"
+# the champion's folder (what make serve serves), else the plain model folder of an unregistered run
+champion="$artifacts/model"; [ -L "$artifacts/champion" ] && champion="$artifacts/champion"
+mkdir -p "$context/artifacts" && cp -rL "$champion" "$context/artifacts/model"
 # pip in the build verifies TLS against the host's CA bundle, mounted apart from the image's own
 buildah "${S[@]}" bud --isolation chroot --format docker --layers=false \
   --build-arg BASE_IMAGE="$base" --build-arg PIP_CERT=/run/host-ca.crt \

@@ -11,14 +11,15 @@ import re
 import shutil
 from pathlib import Path
 
+from rareml import registry
 from rareml.cli import run
 from rareml.errors import RareMLError
 from rareml.model import verify_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 # What app.py imports, and what those import: no MLflow, Optuna, Flask or scikit-learn in the Space.
-MODULES = ("__init__", "errors", "config", "features", "metrics", "calibration", "predictor", "model", "scoring",
-           "artifacts")
+MODULES = ("__init__", "errors", "config", "features", "metrics", "calibration", "predictor", "model", "registry",
+           "scoring", "artifacts")
 PACKAGES = ("gradio", "xgboost-cpu", "numpy", "pandas", "matplotlib")
 
 
@@ -58,7 +59,8 @@ The "Load a real example" button uses {manifest['name']} test records shipped in
 
 def build_space(artifacts: Path, out: Path) -> Path:
     """Write the Space folder `out` (replacing it) from the model in ARTIFACTS."""
-    manifest = verify_model_dir(artifacts / "model")
+    champion = registry.serving_dir(artifacts)
+    manifest = verify_model_dir(champion)
     if out.resolve() in (ROOT.resolve(), artifacts.resolve()):
         raise RareMLError(f"refusing to replace {out}: choose an empty or Space folder")
     shutil.rmtree(out, ignore_errors=True)
@@ -66,7 +68,7 @@ def build_space(artifacts: Path, out: Path) -> Path:
     shutil.copy2(ROOT / "app.py", out / "app.py")
     for module in MODULES:
         shutil.copy2(ROOT / "rareml" / f"{module}.py", out / "rareml" / f"{module}.py")
-    shutil.copytree(artifacts / "model", out / "artifacts" / "model")
+    shutil.copytree(champion, out / "artifacts" / "model")
     (out / "artifacts" / "reports").mkdir()
     for figure in (artifacts / "reports").glob("*.png"):
         shutil.copy2(figure, out / "artifacts" / "reports" / figure.name)

@@ -27,15 +27,20 @@ CONTEXTS = {"train": "training", "test": "test"}  # the input's context, as the 
 SCHEMA_ROWS = 200
 
 
-def setup_mlflow(experiment: str) -> str:
-    """Select (creating it if needed) the experiment at the tracking URI the stage has set, tagged
-    as model training. MLflow 3.17 refuses a plain folder unless MLFLOW_ALLOW_FILE_STORE is set: the
-    default must work with no set-up, so it is allowed here unless the user decided otherwise."""
-    import mlflow
-
+def allow_file_store() -> None:
+    """MLflow 3.17 refuses a plain folder (./mlruns) unless MLFLOW_ALLOW_FILE_STORE is set: the
+    default must work with no set-up, so it is allowed unless the user decided otherwise."""
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", message=".*[Ff]ile.?[Ss]tore.*")
+
+
+def setup_mlflow(experiment: str) -> str:
+    """Select (creating it if needed) the experiment at the tracking URI the stage has set, tagged
+    as model training (a plain folder allowed: `allow_file_store`)."""
+    import mlflow
+
+    allow_file_store()
     uri = mlflow.get_tracking_uri()
     if is_database(uri) and mlflow.get_experiment_by_name(experiment) is None:
         # a database store would put artifacts in ./mlruns, where they clash with the default file store

@@ -1,0 +1,147 @@
+"""Which model serves. Every registered model is an immutable copy of its folder under
+`artifacts/models/<model_version>/`, and the aliases `champion` (what the API, the GUI and the Space
+serve), `challenger` (the newest model, until a gate or a person promotes it) and `previous` (the
+champion before the last promotion, for a rollback) are symbolic links beside them, each changed
+atomically: a link written aside, then renamed over the old one, so a reader sees the old folder or
+the new one, never half of either. When a model was registered in MLflow, its registered-model
+aliases are moved the same way, so `models:/NAME@champion` names the same model.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from rareml.errors import RareMLError
+from rareml.model import verify_model_dir
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+ALIASES = (CHAMPION, CHALLENGER, PREVIOUS)
+MODELS = "models"
+_VERSION = re.compile(r"[0-9a-f]{12}")  # content_version: 12 hex digits
+
+
+def version_of(root: Path, alias: str) -> str | None:
+    """The model version an alias points to under the artifacts folder `root`, or None."""
+    link = _link(root, alias)
+    return Path(os.readlink(link)).name if link.is_symlink() else None
+
+
+def _link(root: Path, alias: str) -> Path:
+    """Where an alias lives; a RareMLError if something else sits there (never replaced: not ours)."""
+    link = Path(root) / alias
+    if link.exists() and not link.is_symlink():  # e.g. an artifacts folder copied with its links followed
+        raise RareMLError(f"{link} is not an alias link but a {'folder' if link.is_dir() else 'file'}: "
+                          "move it away (copy artifacts folders with `cp -a`, which keeps links)")
+    return link
+
+
+def serving_dir(root: Path) -> Path:
+    """The folder to serve: the champion's (resolved, so a later promotion does not change what an
+    already running process reads), or `root/model` when no model was ever registered here."""
+    root = Path(root)
+    version = version_of(root, CHAMPION)
+    return (root / MODELS / version).resolve() if version else root / "model"
+
+
+def publish(root: Path, model_dir: Path) -> str:
+    """Copy a verified model folder to `models/<version>` (once: a version names its content) and
+    return the version. A RareMLError if the folder is missing, corrupt or tampered with."""
+    manifest = verify_model_dir(model_dir)
+    version = manifest["model_version"]
+    target = Path(root) / MODELS / version
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        aside = target.with_name(f".{version}.{os.getpid()}.partial")
+        shutil.copytree(model_dir, aside)
+        os.replace(aside, target)  # a whole folder appears at once
+    verify_model_dir(target)
+    return version
+
+
+def set_alias(root: Path, alias: str, version: str) -> None:
+    """Point `alias` at `models/<version>`, atomically (refused for a version not published here)."""
+    if alias not in ALIASES:
+        raise RareMLError(f"unknown alias {alias!r}: one of {', '.join(ALIASES)}")
+    root = Path(root)
+    _folder(root, version)
+    link = _link(root, alias)
+    aside = root / f".{alias}.{os.getpid()}.link"
+    aside.unlink(missing_ok=True)
+    os.symlink(Path(MODELS) / version, aside)
+    os.replace(aside, link)
+
+
+def _folder(root: Path, version: str) -> Path:
+    """`models/<version>`, or a RareMLError naming the versions there are."""
+    folder = Path(root) / MODELS / version
+    if not _VERSION.fullmatch(version) or not folder.is_dir():
+        known = sorted(p.name for p in folder.parent.glob("*") if p.is_dir() and not p.name.startswith("."))
+        raise RareMLError(f"no model {version!r} in {folder.parent} (known: {', '.join(known) or 'none'})")
+    return folder
+
+
+def register(root: Path, model_dir: Path) -> dict:
+    """A newly trained model: published, aliased `challenger`, and `champion` too when there is
+    none yet (the first model of this artifacts folder). Returns the aliases it got."""
+    version = publish(root, model_dir)
+    set_alias(root, CHALLENGER, version)
+    aliases = [CHALLENGER]
+    if version_of(root, CHAMPION) is None:
+        set_alias(root, CHAMPION, version)
+        aliases.append(CHAMPION)
+    return {"version": version, "aliases": aliases}
+
+
+def promote(root: Path, version: str | None = None) -> dict:
+    """`champion` -> `version` (default: the challenger); the old champion becomes `previous`.
+    The champion's link changes last: a crash in between leaves the old champion serving."""
+    version = version or version_of(root, CHALLENGER)
+    if version is None:
+        raise RareMLError(f"no challenger in {root}: train one (make all), or name a version")
+    old = version_of(root, CHAMPION)
+    if old == version:
+        return {CHAMPION: version, PREVIOUS: version_of(root, PREVIOUS), "changed": False}
+    verify_model_dir(_folder(root, version))  # never promote a folder changed since it was published
+    if old:
+        set_alias(root, PREVIOUS, old)
+    set_alias(root, CHAMPION, version)
+    return {CHAMPION: version, PREVIOUS: old, "changed": True}
+
+
+def rollback(root: Path) -> dict:
+    """`champion` <-> `previous`: the model served before the last promotion serves again."""
+    previous = version_of(root, PREVIOUS)
+    if previous is None:
+        raise RareMLError(f"nothing to roll back to in {root}: no model was ever promoted over another")
+    return promote(root, previous)
+
+
+def sync_mlflow(name: str, versions: dict[str, str | None]) -> dict[str, str]:
+    """Move the MLflow registered-model aliases of `name` to the MLflow versions tagged with these
+    model versions ({alias: model_version}); returns {alias: MLflow version} for those moved. The
+    tracking store is MLFLOW_TRACKING_URI or ./mlruns, as for the stages."""
+    import mlflow
+
+    from rareml.tracking import allow_file_store
+
+    allow_file_store()
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "mlruns"))
+    client = mlflow.MlflowClient()
+    try:
+        found = {v.tags.get("model_version"): v.version for v in client.search_model_versions(f"name='{name}'")}
+    except Exception as exc:  # noqa: BLE001 (no registry here: the local aliases are what serves)
+        log.warning("cannot read MLflow's registry for %s: %s", name, exc)
+        return {}
+    moved = {}
+    for alias, version in versions.items():
+        if version in found:
+            client.set_registered_model_alias(name, alias, found[version])
+            moved[alias] = found[version]
+        elif version is not None:
+            log.warning("model %s is not registered in MLflow as %s: alias %s not moved there", version, name, alias)
+    return moved

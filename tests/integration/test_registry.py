@@ -1,0 +1,120 @@
+"""Champion and challenger, as users meet them: the first `make all` of an artifacts folder serves
+its model; a second one registers a challenger that does not serve until it is promoted; promote
+and rollback move the local aliases atomically and MLflow's registered-model aliases with them; a
+tampered model is never promoted. Real stages, real MLflow (a file store in the test's folder)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from rareml import registry
+from rareml.errors import RareMLError
+from rareml.model import verify_model_dir
+from tests.conftest import run_stage
+
+
+@pytest.fixture(scope="module")
+def twice(trained, census_small, tmp_path_factory) -> Path:
+    """A copy of the trained folder (artifacts and mlruns), serialized a second time."""
+    work = tmp_path_factory.mktemp("twice")
+    shutil.copytree(trained, work, dirs_exist_ok=True, symlinks=True)
+    run_stage("03_serialize.py", "--config", str(census_small), "--artifacts", str(work / "artifacts"),
+              "--bootstrap", "50", cwd=work)
+    return work
+
+
+def aliases_in_mlflow(work: Path, name: str = "census-small") -> dict[str, str]:
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    client = mlflow.MlflowClient(tracking_uri=str(work / "mlruns"))
+    return {alias: str(client.get_model_version_by_alias(name, alias).version)
+            for alias in registry.ALIASES if _has(client, name, alias)}
+
+
+def _has(client, name: str, alias: str) -> bool:
+    try:
+        client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
+
+
+def test_the_first_model_of_an_artifacts_folder_is_champion_and_challenger(trained):
+    root = trained / "artifacts"
+    first = json.loads((root / "serialized.json").read_text())
+    version = first["model_version"]
+    assert first["aliases"] == ["challenger", "champion"]
+    assert registry.version_of(root, "champion") == registry.version_of(root, "challenger") == version
+    assert registry.serving_dir(root) == (root / "models" / version).resolve()
+    assert verify_model_dir(registry.serving_dir(root))["lineage"]["parent"] is None
+    assert aliases_in_mlflow(trained) == {"champion": "1", "challenger": "1"}
+
+
+def test_a_second_model_is_a_challenger_that_does_not_serve_until_promoted(twice, census_small):
+    root = twice / "artifacts"
+    first = registry.version_of(root, "champion")
+    second = json.loads((root / "serialized.json").read_text())
+    assert second["aliases"] == ["challenger"] and second["model_version"] != first
+    assert registry.version_of(root, "challenger") == second["model_version"]
+    assert registry.serving_dir(root).name == first  # make serve still serves the first
+    manifest = verify_model_dir(root / "models" / second["model_version"])
+    assert manifest["lineage"]["parent"] == first
+    assert manifest["lineage"]["window"] == {"column": "year", "from": 94, "to": 94}
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    tags = mlflow.MlflowClient(tracking_uri=str(twice / "mlruns")).get_model_version("census-small", "2").tags
+    assert tags["lineage.parent_model_version"] == first and tags["lineage.parent_mlflow_version"] == "1"
+    assert tags["lineage.data_sha256"] == manifest["data"]["fingerprint"]["data_file_sha256"]
+    assert aliases_in_mlflow(twice) == {"champion": "1", "challenger": "2"}
+
+    args = ["--config", str(census_small), "--artifacts", str(root)]
+    out = run_stage("03_serialize.py", *args, "--promote", cwd=twice).stdout
+    assert f"champion:     {second['model_version']} (was {first}" in out
+    assert registry.serving_dir(root).name == second["model_version"]
+    assert registry.version_of(root, "previous") == first
+    assert aliases_in_mlflow(twice) == {"champion": "2", "challenger": "2", "previous": "1"}
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no link or copy left aside
+
+    run_stage("03_serialize.py", *args, "--rollback", cwd=twice)
+    assert registry.serving_dir(root).name == first and registry.version_of(root, "previous") == second["model_version"]
+    assert aliases_in_mlflow(twice) == {"champion": "1", "challenger": "2", "previous": "2"}
+
+    unknown = run_stage("03_serialize.py", *args, "--promote", "0123456789ab", cwd=twice, check=False)
+    assert unknown.returncode != 0 and "no model '0123456789ab'" in unknown.stderr and "Traceback" not in unknown.stderr
+    assert registry.serving_dir(root).name == first
+
+
+def test_a_tampered_model_is_never_promoted(twice, tmp_path):
+    root = tmp_path / "artifacts"
+    shutil.copytree(twice / "artifacts", root, symlinks=True)
+    challenger = registry.version_of(root, "challenger")
+    champion = registry.version_of(root, "champion")
+    assert challenger != champion
+    victim = root / "models" / challenger / "calibrator.json"
+    victim.write_text(victim.read_text().replace("0", "1", 1))
+    with pytest.raises(RareMLError, match="does not match its checksum"):
+        registry.promote(root)
+    assert registry.version_of(root, "champion") == champion
+
+
+def test_aliases_refuse_what_is_not_a_published_version(twice, tmp_path):
+    root = tmp_path / "artifacts"
+    shutil.copytree(twice / "artifacts", root, symlinks=True)
+    for bad in ("../model", "ABCDEF012345", "", "x" * 12):
+        with pytest.raises(RareMLError, match="no model"):
+            registry.set_alias(root, "champion", bad)
+    with pytest.raises(RareMLError, match="unknown alias"):
+        registry.set_alias(root, "latest", registry.version_of(root, "champion"))
+    copied = tmp_path / "copied"  # copied with its links followed: the aliases are folders now
+    shutil.copytree(root, copied)
+    with pytest.raises(RareMLError, match="not an alias link but a folder"):
+        registry.promote(copied)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert registry.serving_dir(empty) == empty / "model"  # nothing registered: the plain model folder
+    with pytest.raises(RareMLError, match="nothing to roll back"):
+        registry.rollback(empty)
+    assert os.listdir(empty) == []
