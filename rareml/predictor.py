@@ -1,9 +1,10 @@
 """A compiled form of the booster for scoring a few rows at a time with numpy alone.
 
 `Booster.inplace_predict` costs ~0.3 ms per call whatever the row count, mostly fixed overhead,
-which would dominate an API request. Here the trees are flattened into arrays once, and all trees
-walk one level per numpy step, so one row costs ~0.08 ms (0.14 ms for 107 trees with 3,072
-categorical splits). It follows XGBoost's arithmetic: float32
+which would dominate an API request. Here the trees are flattened into arrays once. Many rows:
+all trees walk one level per numpy step. One row: every node's test at once, then one gather per
+level: 0.12 ms for 107 trees with 3,072 categorical splits, 0.2 ms for 389 leaf-wise trees 19
+levels deep (0.25 ms stepping level by level). It follows XGBoost's arithmetic: float32
 inputs and split values, `x < split` goes left, missing follows the default direction, a category
 in the split's set goes right, leaves summed in tree order onto the base margin in float32. The
 margin is bit-identical to XGBoost's; the probability can differ in the last float32 bit (expf
@@ -22,7 +23,6 @@ import xgboost as xgb
 from rareml.errors import RareMLError
 
 SUPPORTED_OBJECTIVES = ("binary:logistic",)
-COMPACT_EVERY = 6  # levels between two compactions of the one-row walk
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,12 @@ class TreeEnsemble:
     # node reads it against 0.5. So categorical models walk as fast as numeric ones.
     lookup: np.ndarray  # column of the widened row each node reads
     n_features: int
-    is_leaf: np.ndarray
+    # One row: every node's test is done at once, giving each node its next node; then a step per
+    # level is a single gather (node indices here, not slots).
+    node_lookup: np.ndarray
+    node_split: np.ndarray
+    node_left: np.ndarray  # children as node indices
+    node_right: np.ndarray
     cat_columns: np.ndarray  # the features categorical splits read
     cat_pos: np.ndarray  # per categorical split: its feature's place in `cat_columns`,
     cat_base: np.ndarray  # and the start of its row in `right_of`
@@ -81,7 +86,8 @@ class TreeEnsemble:
         columns["lookup"] = columns["feature"] + n_features * ~default_left
         columns["lookup"][categorical] = 2 * n_features + np.arange(categorical.sum())
         columns["split"][categorical] = 0.5
-        columns["is_leaf"] = children[0::2] == 2 * np.arange(children.size // 2)
+        nodes = {"node_lookup": columns["lookup"], "node_split": columns["split"], "node_left": children[1::2] // 2,
+                 "node_right": children[0::2] // 2}
         right_of = np.zeros((in_set.shape[0], width + 3), dtype=np.float32)
         right_of[:, 1:-2] = in_set
         right_of[category_row[categorical], -1] = ~default_left[categorical]
@@ -91,7 +97,7 @@ class TreeEnsemble:
         slots = {key: np.repeat(value, 2) for key, value in columns.items()}
         return cls(roots=2 * np.array([0] + [len(p["split"]) for p in parts[:-1]]).cumsum(), children=children,
                    **slots, in_set=in_set, depth=depth, base_margin=_prob_to_margin(base),
-                   n_features=n_features, **cats)
+                   n_features=n_features, **cats, **nodes)
 
     def margin(self, X: np.ndarray) -> np.ndarray:
         """Raw log-odds for rows of model input (float32-able, NaN for missing)."""
@@ -105,9 +111,13 @@ class TreeEnsemble:
             code = np.where(np.isnan(value), past + 2, np.floor(np.fmin(np.fmax(value, -1.0), past)).astype(np.intp) + 1)
             parts.append(self.right_of.take(self.cat_base + code.take(self.cat_pos, axis=1)))  # take: 2x faster
         data, column = np.concatenate(parts, axis=1), self.lookup
-        if len(X) == 1:  # one row: plain 1-d gathers, twice as fast as the general case
-            x = data[0]
-            leaves = self.split[self._walk(self.roots, lambda nodes: x[column[nodes]])][None, :]
+        if len(X) == 1:  # one row: all tests at once, then one gather per level (3x faster on deep trees)
+            go_left = data[0].take(self.node_lookup) < self.node_split
+            following = np.where(go_left, self.node_left, self.node_right)
+            node = self.roots // 2
+            for _ in range(self.depth):
+                node = following[node]
+            leaves = self.node_split[node][None, :]
         else:
             rows = np.arange(len(X))[:, None]
             start = np.broadcast_to(self.roots, (len(X), self.roots.size))
@@ -116,24 +126,10 @@ class TreeEnsemble:
         return np.cumsum(leaves, axis=1, dtype=np.float32)[:, -1]
 
     def _walk(self, node: np.ndarray, values) -> np.ndarray:
-        """Step every tree down one level per numpy step until all reach a leaf. For one row, every few levels the trees that reached a leaf are set aside: with leaf-wise trees a few
-        paths go 20 levels deep while most end within 8, and the later steps then move a handful
-        of nodes instead of every tree."""
-        if node.ndim > 1:
-            for _ in range(self.depth):
-                node = self.children[node + (values(node) < self.split[node])]
-            return node
-        out, where = node.copy(), np.arange(node.size)
-        for level in range(self.depth):
-            if level and level % COMPACT_EVERY == 0:
-                moving = ~self.is_leaf[node]
-                out[where] = node
-                node, where = node[moving], where[moving]
-                if not node.size:
-                    return out
+        """Step every tree of every row down one level per numpy step until all reach a leaf."""
+        for _ in range(self.depth):
             node = self.children[node + (values(node) < self.split[node])]
-        out[where] = node
-        return out
+        return node
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Probabilities, computed as XGBoost does: 1 / (1 + expf(-margin)) in float32."""
