@@ -567,6 +567,8 @@ class Store:
             self._problems[where] = reason
         if new:
             log.error("cannot write the prediction log (%d requests wait): %s", self._backlog.requests, reason)
+        if self._writer is None and not self._closed.is_set():  # a first write that failed: the writer's
+            self._start_writer()  # probes are what clear the problem (/ready) once it is gone
         return LogUnavailable(reason)
 
     def _recovered(self, *where: str) -> None:

@@ -118,3 +118,24 @@ def test_a_full_disk_with_nothing_waiting_recovers_unaided(small_disk):
     answer(store)
     store.close()
 
+
+
+def test_a_process_whose_very_first_write_meets_a_full_disk_recovers_unaided(small_disk):
+    """A gunicorn worker that had answered nothing before the disk filled: its writer was not
+    running yet, and it is what clears the problem once space returns (seen in CI: /ready 503 for
+    good in that worker)."""
+    path = small_disk / "predictions.db"
+    other = Store(path, N_FEATURES)  # another process made the log before the disk filled
+    answer(other)
+    other.close()
+    fillers = fill(small_disk)
+    store = Store(path, N_FEATURES)
+    with pytest.raises(LogUnavailable):
+        for _ in range(10_000):
+            answer(store)
+    assert not store.status().writable
+    for filler in fillers:
+        filler.unlink()
+    assert wait_for(lambda: store.status().writable)
+    answer(store)
+    store.close()
