@@ -241,7 +241,7 @@ def move_aliases(root: Path, version: str | None, back: bool, mlflow_too: bool) 
     name = read_json(root / registry.MODELS / moved["champion"] / "manifest.json")["name"]
     in_mlflow = registry.sync_mlflow(name, {registry.CHAMPION: moved["champion"], registry.PREVIOUS: moved["previous"]})
     print(f"champion:     {moved['champion']} (was {moved['previous']}, now the alias previous)\n"
-          f"serving:      a server started now serves it (restart a running one: make serve)"
+          f"serving:      a running API swaps to it within seconds; one started now serves it"
           + (f"\nMLflow:       {name} champion = v{in_mlflow['champion']}" if "champion" in in_mlflow else ""))
 
 

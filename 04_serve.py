@@ -30,7 +30,7 @@ from rareml import openapi, registry
 from rareml.cli import run
 from rareml.errors import InputError, RareMLError
 from rareml.model import verify_model_dir
-from rareml.service import INTERNAL_ERROR, ApiError, Served, Service, query_int
+from rareml.service import INTERNAL_ERROR, ApiError, Follower, Served, Service, query_int
 from rareml.store import Store
 from rareml.telemetry import Metrics
 
@@ -56,6 +56,8 @@ class Settings:
     fairness_bound: float = FAIRNESS_BOUND
     fast_path: bool = True  # plain POST /predict without Flask (RAREML_FAST_PATH=0 turns it off)
     retention: float | None = None  # seconds of predictions the log keeps (None: all)
+    follow: Path | None = None  # an artifacts folder whose champion each worker follows (hot swap)
+    reload_seconds: float = 2.0  # how often a worker looks at the champion alias (0: never)
     # the server (main)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -69,8 +71,9 @@ class Settings:
         environ = os.environ if environ is None else environ
         given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
         model_dir = registry.serving_dir(args.artifacts)  # the champion (rareml/registry.py)
+        champion = registry.version_of(args.artifacts, registry.CHAMPION)
         return cls(**given | {
-            "model_dir": model_dir, "db": args.db or args.artifacts / "serving" / "predictions.db",
+            "model_dir": model_dir, "follow": args.artifacts if champion else None, "db": args.db or args.artifacts / "serving" / "predictions.db",
             "threads": max(1, (os.cpu_count() or 1) // args.workers),
             "alert_token": environ.get("RAREML_ALERT_TOKEN") or None,
             "fast_path": environ.get("RAREML_FAST_PATH", "1") not in ("0", "false", "no"),
@@ -133,12 +136,16 @@ operations = Blueprint("operations", __name__)
 @predict.post("/predict")
 def predict_one():
     explain = request.args.get("explain", "").lower() in ("1", "true", "yes")
-    return service().predict_one(read_body(), explain, query_int(request.args.get("top"), "top", 10))
+    answer = service().predict_one(read_body(), explain, query_int(request.args.get("top"), "top", 10))
+    g.model_version = answer["model_version"]  # the model that answered, if a swap came meanwhile
+    return answer
 
 
 @predict.post("/predict/batch")
 def predict_batch():
-    return service().predict_batch(read_body())
+    answer = service().predict_batch(read_body())
+    g.model_version = answer["model_version"]
+    return answer
 
 
 @feedback.post("/feedback")
@@ -203,6 +210,9 @@ def create_app(settings: Settings | str | Path = Settings(), db: str | Path | No
     _hooks(app, svc)
     if settings.fast_path:
         app.wsgi_app = fast_predict(app.wsgi_app, svc)
+    if settings.follow and settings.reload_seconds > 0:
+        app.extensions["rareml-follower"] = Follower(svc, settings.follow, settings.reload_seconds,
+                                                     settings.threads).start()
     return app
 
 
@@ -217,6 +227,7 @@ def _hooks(app: Flask, svc: Service) -> None:
     @app.after_request
     def count(response: Response) -> Response:
         response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Model-Version"] = g.get("model_version") or svc.served.version
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         svc.observe(endpoint, response.status_code, time.perf_counter() - g.get("started", time.perf_counter()))
         return response
@@ -257,7 +268,9 @@ def fast_predict(flask_app, svc: Service):
             log.exception("unexpected error on POST /predict")
             answer, status = INTERNAL_ERROR, 500
         body = orjson.dumps(answer)
-        start_response(f"{status} {_REASONS.get(status, 'ERROR')}", [*JSON_HEADERS, ("Content-Length", str(len(body)))])
+        start_response(f"{status} {_REASONS.get(status, 'ERROR')}", [
+            *JSON_HEADERS, ("X-Model-Version", answer.get("model_version") or svc.served.version),
+            ("Content-Length", str(len(body)))])
         svc.observe("/predict", status, time.perf_counter() - started)
         return [body]
 
@@ -306,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retention-days", type=float, help="keep this many days of predictions (default: all)")
     parser.add_argument("--drain", default=Settings.drain, type=float,
                         help="seconds between SIGTERM and the stop, /ready answering 503 meanwhile")
+    parser.add_argument("--reload-seconds", dest="reload_seconds", default=Settings.reload_seconds, type=float,
+                        help="how often each worker looks for a new champion to swap in (0: never)")
     parser.add_argument("--read-timeout", dest="read_timeout", default=Settings.read_timeout, type=float,
                         help="seconds a client has to send a whole request (then 408)")
     settings = Settings.from_args(parser.parse_args(argv))

@@ -13,6 +13,7 @@ import fcntl
 import hmac
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from rareml import monitoring
+from rareml import monitoring, registry
 from rareml.errors import InputError
 from rareml.features import RecordEncoder
 from rareml.model import Model, load_model
@@ -124,6 +125,11 @@ class Service:
             observe_many(self.metrics.probability, probability)
         return [{"probability": p, "decision": d, "threshold": served.threshold, "model_version": served.version,
                  "prediction_id": i} for p, d, i in zip(probability.tolist(), decision.tolist(), ids)]
+
+    def swap(self, served: Served) -> None:
+        """Serve `served` from the next request on; requests in flight finish on the model they read."""
+        replaced, self.served = self.served, served
+        self.metrics.describe(served.model, replaced.model)
 
     def predict_one(self, body: bytes, explain: bool = False, top: int = 10) -> dict:
         """POST /predict: one JSON record."""
@@ -322,3 +328,47 @@ def alert_payload(body: object) -> list[dict]:
             if not isinstance(alert.get(key, ""), str):
                 raise ApiError(422, "not_an_alert", f"{where}.{key} must be a string", f"{where}.{key}")
     return body["alerts"]
+
+
+class Follower:
+    """A worker's watch on the `champion` alias of an artifacts folder (rareml/registry.py): a new
+    champion is loaded, its checksums verified, its trees compiled and checked against XGBoost, all
+    in this thread while the old model serves, and only then swapped in (`Service.swap`). A model
+    that fails any of it is refused (counted, logged once) and the old one keeps serving."""
+
+    def __init__(self, service: Service, root: Path, seconds: float = 2.0, threads: int | None = None):
+        self.service, self.root, self.seconds, self.threads = service, Path(root), seconds, threads
+        self.refused: str | None = None  # the champion that failed: not tried again until the alias moves
+        self._stop = threading.Event()
+
+    def start(self) -> Follower:
+        threading.Thread(target=self._run, name="rareml-champion-follower", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.seconds):
+            try:
+                self.check()
+            except Exception:  # the follower must outlive any surprise; the old model keeps serving
+                log.exception("cannot follow the champion in %s", self.root)
+
+    def check(self) -> str | None:
+        """One look at the alias: 'ok' if a new champion now serves, 'refused' if it failed, else None."""
+        version = registry.version_of(self.root, registry.CHAMPION)
+        if version is None or version in (self.service.served.version, self.refused):
+            return None
+        try:
+            served = Served.load(registry.serving_dir(self.root), self.threads)
+        except Exception as exc:  # noqa: BLE001 (whatever is wrong with it, it does not serve)
+            self.refused = version
+            self.service.metrics.reloads.labels("refused").inc()
+            log.error("new champion %s refused, %s keeps serving: %s", version, self.service.served.version, exc)
+            return "refused"
+        old = self.service.served.version
+        self.service.swap(served)
+        self.service.metrics.reloads.labels("ok").inc()
+        log.info("now serving the new champion %s (was %s)", served.version, old)
+        return "ok"

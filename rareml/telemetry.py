@@ -47,16 +47,16 @@ class Metrics:
         self.rejected = Counter("rareml_rejected_inputs", "Rejected requests by reason", ["reason"], **reg)
         self.unseen = Counter("rareml_unseen_categories", "Category values never seen in training (scored as "
                               "missing)", ["feature"], **reg)
-        info = Gauge("rareml_model_info", "The model being served", ["name", "version", "trained_at", "calibration"],
-                     multiprocess_mode="max", **reg)
-        info.labels(model.manifest["name"], model.version, model.manifest["trained_at"], model.calibrator.method).set(1)
-        Gauge("rareml_threshold", "Decision threshold", multiprocess_mode="max", **reg).set(model.threshold)
+        self.info = Gauge("rareml_model_info", "The model being served (1; 0 once replaced)",
+                          ["name", "version", "trained_at", "calibration"], multiprocess_mode="max", **reg)
+        self.threshold = Gauge("rareml_threshold", "Decision threshold", **latest)
+        self.reloads = Counter("rareml_model_reloads", "New champions seen by a worker: swapped in (ok) or refused",
+                               ["result"], **reg)
         Gauge("rareml_fairness_bound", "Largest acceptable difference between groups (the fairness alert's bound)",
               multiprocess_mode="max", **reg).set(fairness_bound)
-        baseline = Gauge("rareml_validation_metric", "Validation (out-of-fold) figures from the manifest, the "
-                         "baseline for live performance", ["metric"], multiprocess_mode="max", **reg)
-        for name, value in model.manifest["metrics"]["validation"].items():
-            baseline.labels(name).set(value)
+        self.baseline = Gauge("rareml_validation_metric", "Validation (out-of-fold) figures from the manifest, the "
+                              "baseline for live performance", ["metric"], **latest)
+        self.describe(model)
         self.window_size = Gauge("rareml_window_predictions", "Predictions in the window", **latest)
         self.positive_rate = Gauge("rareml_positive_rate", "Share of positive decisions in the window", **latest)
         self.feature_psi = Gauge("rareml_feature_psi", "Data drift: PSI of each feature, window vs training",
@@ -86,6 +86,15 @@ class Metrics:
         self.log_pending = Gauge("rareml_log_pending_bytes", "Answered predictions not yet in the prediction log "
                                  "(journaled, queued in memory)", multiprocess_mode="livesum", **reg)
 
+
+    def describe(self, model: Model, replaced: Model | None = None) -> None:
+        """The gauges that describe the model served (at start, and after a hot swap)."""
+        if replaced is not None:
+            self.info.labels(*_info(replaced)).set(0)
+        self.info.labels(*_info(model)).set(1)
+        self.threshold.set(model.threshold)
+        for name, value in model.manifest["metrics"]["validation"].items():
+            self.baseline.labels(name).set(value)
     def update(self, s: monitoring.Signals) -> None:
         self.window_size.set(s.predictions)
         self.positive_rate.set(s.positive_rate)
@@ -131,3 +140,7 @@ def observe_many(histogram, values: np.ndarray) -> None:
         if count:
             bucket.inc(count)
     histogram._sum.inc(float(values.sum()))
+
+
+def _info(model: Model) -> tuple[str, str, str, str]:
+    return model.manifest["name"], model.version, model.manifest["trained_at"], model.calibrator.method

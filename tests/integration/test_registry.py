@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import mlflow
@@ -118,3 +119,88 @@ def test_aliases_refuse_what_is_not_a_published_version(twice, tmp_path):
     with pytest.raises(RareMLError, match="nothing to roll back"):
         registry.rollback(empty)
     assert os.listdir(empty) == []
+
+
+def test_a_promotion_is_swapped_into_running_workers_with_no_failed_request(twice, tmp_path):
+    """Real gunicorn (2 workers) on a folder whose champion is v1: a client keeps sending while the
+    challenger is promoted; every answer is a 200, each names the model that made it (body and
+    header), and soon every worker answers with the new one. Then a champion whose folder was
+    tampered with is refused by every worker, and the model before it keeps serving."""
+    import threading
+    from collections import Counter
+
+    import pandas as pd
+
+    from rareml.features import to_records
+    from rareml.model import load_model
+    from tests.integration.test_gunicorn import Server, call, scrape, total
+
+    root = tmp_path / "artifacts"
+    shutil.copytree(twice / "artifacts", root, symlinks=True)
+    first, second = registry.version_of(root, "champion"), registry.version_of(root, "challenger")
+    records = to_records(pd.read_parquet(root / "test.parquet").head(200), load_model(root / "model").schema)
+    bodies = [json.dumps(r).encode() for r in records]
+    server = Server(root, tmp_path / "log.db", tmp_path / "server.log", "--reload-seconds", "0.5")
+    try:
+        server.wait_ready()
+        answers, stop = [], threading.Event()
+
+        def client() -> None:
+            i = 0
+            while not stop.is_set() and i < 20_000:
+                status, body = call(server.port, "POST", "/predict", bodies[i % len(bodies)])
+                answers.append((status, json.loads(body).get("model_version")))
+                i += 1
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        time.sleep(1.0)
+        registry.promote(root)
+        swapped = None
+        for _ in range(300):  # until 40 answers in a row come from the new model (both workers)
+            time.sleep(0.05)
+            if len(answers) > 40 and all(v == second for _, v in answers[-40:]):
+                swapped = len(answers)
+                break
+        time.sleep(0.5)
+        stop.set()
+        thread.join(timeout=60)
+        assert swapped is not None, Counter(v for _, v in answers)
+        assert Counter(s for s, _ in answers) == Counter({200: len(answers)})
+        versions = [v for _, v in answers]
+        assert versions[0] == first and set(versions) == {first, second}
+        headers = _headers(server.port, bodies[0])
+        assert headers["X-Model-Version"] == second
+        assert json.loads(call(server.port, "GET", "/model")[1])["model_version"] == second
+        metrics = scrape(server.port)
+        assert total(metrics, "rareml_model_reloads_total", result="ok") == 2  # once per worker
+        assert total(metrics, "rareml_model_info", version=second) == 1
+        assert total(metrics, "rareml_model_info", version=first) == 0
+
+        victim = root / "models" / first / "calibrator.json"  # tampered, then made champion behind the gate's back
+        victim.write_text(victim.read_text().replace("0", "1", 1))
+        registry.set_alias(root, "champion", first)
+        for _ in range(100):
+            time.sleep(0.1)
+            if total(scrape(server.port), "rareml_model_reloads_total", result="refused") >= 2:
+                break
+        assert total(scrape(server.port), "rareml_model_reloads_total", result="refused") == 2
+        for body in bodies[:20]:
+            status, out = call(server.port, "POST", "/predict", body)
+            assert status == 200 and json.loads(out)["model_version"] == second
+        assert "refused" in (tmp_path / "server.log").read_text()
+    finally:
+        server.stop()
+
+
+def _headers(port: int, body: bytes) -> dict[str, str]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/predict", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        return dict(response.getheaders())
+    finally:
+        conn.close()
