@@ -103,33 +103,25 @@ def test_a_full_disk_refuses_then_recovers_and_loses_nothing(small_disk, monkeyp
 
 def test_a_full_disk_with_nothing_waiting_recovers_unaided(small_disk):
     """/ready says 503, so no request comes to try again: the writer's own small writes do."""
-    path = small_disk / "predictions.db"
-    store = Store(path, N_FEATURES)
+    store = Store(small_disk / "predictions.db", N_FEATURES)
     answer(store)
     store.flush()
-    fillers = fill(small_disk)
-    with pytest.raises(LogUnavailable):
-        for _ in range(10_000):
-            answer(store)
-    assert not store.status().writable
-    for filler in fillers:
-        filler.unlink()
-    assert wait_for(lambda: store.status().writable)
-    answer(store)
-    store.close()
-
+    refused_then_recovered(store, fill(small_disk))
 
 
 def test_a_process_whose_very_first_write_meets_a_full_disk_recovers_unaided(small_disk):
     """A gunicorn worker that had answered nothing before the disk filled: its writer was not
     running yet, and it is what clears the problem once space returns (seen in CI: /ready 503 for
     good in that worker)."""
-    path = small_disk / "predictions.db"
-    other = Store(path, N_FEATURES)  # another process made the log before the disk filled
+    other = Store(small_disk / "predictions.db", N_FEATURES)  # another process made the log before
     answer(other)
     other.close()
     fillers = fill(small_disk)
-    store = Store(path, N_FEATURES)
+    refused_then_recovered(Store(small_disk / "predictions.db", N_FEATURES), fillers)
+
+
+def refused_then_recovered(store: Store, fillers: list) -> None:
+    """Answer until the full disk refuses; free it; the store must say writable again by itself."""
     with pytest.raises(LogUnavailable):
         for _ in range(10_000):
             answer(store)
