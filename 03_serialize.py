@@ -29,7 +29,7 @@ from rareml.config import Config, load_config
 from rareml.data import LABEL, numeric_reference
 from rareml.errors import RareMLError
 from rareml.features import Schema, to_frame, to_records
-from rareml.model import average_boosters, dmatrix, load_model, raw_scores, save_model, train_booster
+from rareml.model import MANIFEST_FILE, average_boosters, dmatrix, load_model, raw_scores, save_model, train_booster
 from rareml.tracking import log_split, run_name, setup_mlflow, ui_command, ui_url
 
 log = logging.getLogger("03_serialize")
@@ -238,7 +238,7 @@ def move_aliases(root: Path, version: str | None, back: bool, mlflow_too: bool) 
     if not moved["changed"]:
         print(f"{moved['champion']} is already the champion: nothing changed")
         return
-    name = read_json(root / registry.MODELS / moved["champion"] / "manifest.json")["name"]
+    name = read_json(root / registry.MODELS / moved["champion"] / MANIFEST_FILE)["name"]
     in_mlflow = registry.sync_mlflow(name, {registry.CHAMPION: moved["champion"], registry.PREVIOUS: moved["previous"]})
     print(f"champion:     {moved['champion']} (was {moved['previous']}, now the alias previous)\n"
           f"serving:      a running API swaps to it within seconds; one started now serves it"

@@ -33,10 +33,8 @@ class TreeEnsemble:
     and `children[slot + go_left]` is the slot of the child, so a step needs no multiplication."""
 
     roots: np.ndarray  # slot of each tree's first node
-    feature: np.ndarray
     split: np.ndarray  # float32 split value (0.5 on categorical splits, see below); the leaf value on leaves
     children: np.ndarray  # slots of the right and left child of each node, interleaved
-    category_row: np.ndarray  # row of `in_set` for a categorical split, -1 otherwise
     in_set: np.ndarray  # [categorical splits, categories]: does this category go right?
     depth: int
     base_margin: np.float32
@@ -81,7 +79,7 @@ class TreeEnsemble:
         columns = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         children = 2 * np.stack([columns.pop("right"), columns.pop("left")], axis=1).ravel()
         n_features = int(model["learner_model_param"]["num_feature"])
-        default_left, category_row = columns.pop("default_left"), columns["category_row"]
+        default_left, category_row = columns.pop("default_left"), columns.pop("category_row")
         categorical = category_row >= 0
         columns["lookup"] = columns["feature"] + n_features * ~default_left
         columns["lookup"][categorical] = 2 * n_features + np.arange(categorical.sum())
@@ -92,6 +90,7 @@ class TreeEnsemble:
         right_of[:, 1:-2] = in_set
         right_of[category_row[categorical], -1] = ~default_left[categorical]
         cat_columns, cat_pos = np.unique(columns["feature"][categorical], return_inverse=True)
+        del columns["feature"]  # read through `lookup`
         cats = {"cat_columns": cat_columns, "cat_pos": cat_pos.ravel(),
                 "cat_base": category_row[categorical] * right_of.shape[1], "right_of": right_of.ravel()}
         slots = {key: np.repeat(value, 2) for key, value in columns.items()}

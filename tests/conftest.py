@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's: Playwright's own browser download cannot work here
 for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "GRADIO_ANALYTICS_ENABLED": "False",
                    "HF_HUB_OFFLINE": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
     os.environ[key] = value
@@ -65,3 +67,28 @@ def trained(census_small, tmp_path_factory) -> Path:
     run_stage("02_tune.py", *args, "--n-trials", "4", "--time-budget", "300", cwd=work)
     run_stage("03_serialize.py", *args, "--bootstrap", "200", cwd=work)
     return work
+
+
+def require_chromium() -> None:
+    """Skip the test when Debian's chromium is missing (fail it when RAREML_REQUIRE_BROWSER is set,
+    as in .ci/run)."""
+    if not CHROMIUM.exists():
+        if os.environ.get("RAREML_REQUIRE_BROWSER"):
+            pytest.fail("RAREML_REQUIRE_BROWSER is set but /usr/bin/chromium is missing (apt-get install chromium)")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+
+
+@contextmanager
+def chromium_page(width: int, height: int = 1000):
+    """A page of Debian's chromium driven by Playwright, closed afterwards (`require_chromium`)."""
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import threading
 from html.parser import HTMLParser
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import jsonschema
@@ -21,8 +19,8 @@ from openapi_spec_validator.validation import OpenAPIV31SpecValidator
 from rareml import openapi
 from rareml.errors import InputError
 from rareml.features import CATEGORICAL, FLOAT32_MAX, NUMERIC, Feature, RecordEncoder, Schema
+from tests.conftest import chromium_page
 
-CHROMIUM = Path("/usr/bin/chromium")
 HAS_IGNORED = "ignored" in {f.name for f in dataclasses.fields(Schema)}
 ENDPOINTS = {("/predict", "post"), ("/predict/batch", "post"), ("/feedback", "post"), ("/health", "get"),
              ("/ready", "get"), ("/model", "get"), ("/metrics", "get"), ("/alerts", "post"), ("/alerts", "get"),
@@ -292,11 +290,6 @@ def test_the_api_answers_as_its_document_says(make_app, model):
 @pytest.mark.slow
 @pytest.mark.browser
 def test_docs_render_in_chromium_from_this_host_alone(model):
-    if not CHROMIUM.exists():
-        if os.environ.get("RAREML_REQUIRE_BROWSER"):
-            pytest.fail("RAREML_REQUIRE_BROWSER is set but /usr/bin/chromium is missing (apt-get install chromium)")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
-    from playwright.sync_api import sync_playwright
     from werkzeug.serving import make_server
 
     doc = openapi.document(model, max_batch=5000)
@@ -308,25 +301,18 @@ def test_docs_render_in_chromium_from_this_host_alone(model):
     origin = f"http://127.0.0.1:{server.server_port}"
     requested, problems = [], []
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--no-first-run", "--disable-sync"])
-            try:
-                page = browser.new_page(viewport={"width": 1300, "height": 1000})
-                page.on("request", lambda r: requested.append(r.url))
-                page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
-                page.on("pageerror", lambda e: problems.append(str(e)))
-                page.goto(f"{origin}/docs", wait_until="domcontentloaded")
-                page.wait_for_selector(".swagger-ui .info .title", timeout=60000)
-                title = page.inner_text(".swagger-ui .info .title")
-                paths = page.locator(".opblock-summary-path").all_inner_texts()
-                page.click("#operations-predictions-predict .opblock-summary")
-                page.wait_for_selector("#operations-predictions-predict .body-param__example, "
-                                       "#operations-predictions-predict .highlight-code", timeout=20000)
-                shown = page.inner_text("#operations-predictions-predict")
-            finally:
-                browser.close()
+        with chromium_page(1300) as page:
+            page.on("request", lambda r: requested.append(r.url))
+            page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(f"{origin}/docs", wait_until="domcontentloaded")
+            page.wait_for_selector(".swagger-ui .info .title", timeout=60000)
+            title = page.inner_text(".swagger-ui .info .title")
+            paths = page.locator(".opblock-summary-path").all_inner_texts()
+            page.click("#operations-predictions-predict .opblock-summary")
+            page.wait_for_selector("#operations-predictions-predict .body-param__example, "
+                                   "#operations-predictions-predict .highlight-code", timeout=20000)
+            shown = page.inner_text("#operations-predictions-predict")
     finally:
         server.shutdown()
         thread.join(5)

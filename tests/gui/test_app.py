@@ -21,10 +21,9 @@ import pytest
 from rareml.model import load_model
 from rareml.processes import free_port, stop_group, wait_http
 from rareml.scoring import ApiScorer, LocalScorer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, chromium_page
 
 pytestmark = pytest.mark.slow
-CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path(os.environ.get("RAREML_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
 
@@ -169,29 +168,16 @@ def test_space_folder_runs_as_the_space_does(artifacts, model, tmp_path):
 @contextmanager
 def browser_on_app(artifacts: Path, tmp_path: Path):
     """A chromium page on `python app.py` (as `make gui` starts it), 1400x1000."""
-    if not CHROMIUM.exists():
-        if os.environ.get("RAREML_REQUIRE_BROWSER"):
-            pytest.fail("RAREML_REQUIRE_BROWSER is set but /usr/bin/chromium is missing (apt-get install chromium)")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
-    from playwright.sync_api import sync_playwright
-
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--artifacts", str(artifacts), "--port", str(port)],
                             start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "gui.log", "wb"))  # noqa: SIM115
     try:
         wait_http(f"http://127.0.0.1:{port}/", proc, seconds=90)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--no-first-run", "--disable-sync"])
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
-                page.wait_for_selector("#load-example", timeout=60000)
-                yield page
-            finally:
-                browser.close()
+        with chromium_page(1400) as page:
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            page.wait_for_selector("#load-example", timeout=60000)
+            yield page
     finally:
         stop_group(proc)
 

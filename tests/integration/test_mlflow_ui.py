@@ -20,23 +20,17 @@ import pytest
 from rareml.artifacts import read_json
 from rareml.processes import free_port, stop_group, wait_http
 from rareml.tracking import KIND, KIND_TAG, ui_url
-from tests.conftest import ROOT
+from tests.conftest import ROOT, chromium_page, require_chromium
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
-CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path(os.environ.get("RAREML_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 ONBOARDING = "Start tracing your LLM application"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
-CHROMIUM_ARGS += ["--no-first-run", "--disable-sync"]
 
 
 @pytest.fixture
 def mlflow_ui(trained, tmp_path) -> Iterator[str]:
     """`mlflow ui` on the trained fixture's runs, in its own process group, stopped by PID."""
-    if not CHROMIUM.exists():
-        if os.environ.get("RAREML_REQUIRE_BROWSER"):
-            pytest.fail("RAREML_REQUIRE_BROWSER is set but /usr/bin/chromium is missing (apt-get install chromium)")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+    require_chromium()  # before starting anything
     port, log = free_port(), tmp_path / "mlflow-ui.log"
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", str(trained / "mlruns")]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
@@ -58,8 +52,6 @@ def api(base: str, path: str, **query: str) -> dict:
 
 
 def test_the_printed_link_opens_on_the_training_runs_with_their_datasets(trained, mlflow_ui):
-    from playwright.sync_api import sync_playwright
-
     artifacts = trained / "artifacts"
     printed, prepared = read_json(artifacts / "serialized.json")["mlflow"], read_json(artifacts / "prepared.json")
     experiment = api(mlflow_ui, "experiments/get-by-name", experiment_name="census-small")["experiment"]
@@ -69,18 +61,13 @@ def test_the_printed_link_opens_on_the_training_runs_with_their_datasets(trained
     name = parent["run"]["info"]["run_name"]
     assert re.fullmatch(r"census-small tune \d{4}-\d\d-\d\d \d\d:\d\d", name)
     shown = {part: f"census-small-{part} ({prepared['fingerprint'][part]})" for part in ("train", "test")}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(ui_url(experiment["experiment_id"], mlflow_ui), wait_until="domcontentloaded", timeout=30000)
-            page.get_by_text(name, exact=True).wait_for(timeout=60000)
-            for text in shown.values():  # only the tuning run has datasets: its trials have none
-                page.get_by_text(text, exact=True).first.wait_for(timeout=20000)
-            SHOTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SHOTS / "mlflow-runs.png"))
-            url, onboarding = page.url, page.get_by_text(ONBOARDING).count()
-        finally:
-            browser.close()
+    with chromium_page(1600) as page:
+        page.goto(ui_url(experiment["experiment_id"], mlflow_ui), wait_until="domcontentloaded", timeout=30000)
+        page.get_by_text(name, exact=True).wait_for(timeout=60000)
+        for text in shown.values():  # only the tuning run has datasets: its trials have none
+            page.get_by_text(text, exact=True).first.wait_for(timeout=20000)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "mlflow-runs.png"))
+        url, onboarding = page.url, page.get_by_text(ONBOARDING).count()
     assert "/runs" in url and "workflowType=machine_learning" in url, url
     assert onboarding == 0
