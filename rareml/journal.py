@@ -32,31 +32,36 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"rareml-journal-1\n"  # a new record format gets a new MAGIC (and a reader for the old one)
+MAGIC = b"rareml-journal-2\n"  # a new record format gets a new MAGIC (and a reader for the old one)
 SEGMENT_BYTES = 1 << 20  # a new segment after this many bytes: a committed one is deleted whole
 _HEAD = struct.Struct("<II")  # payload length, crc32 of the payload
-_ROW = struct.Struct("<16sdIHI")  # request key, time, predictions, len(model version), len(extras)
+_ROW = struct.Struct("<16sdIHII")  # request key, time, predictions, len(model version), len(extras), len(raw)
+_ROW_1 = struct.Struct("<16sdIHI")  # format 1 (no raw request): still read
+_FORMATS = {MAGIC: _ROW, b"rareml-journal-1\n": _ROW_1}  # magic -> its row header (all magics one length)
 _FOLDER = re.compile(r"(?:\.new-)?[1-9][0-9]*-[0-9a-f]{8}")  # the only folders replay may delete
 _SEGMENT = re.compile(r"[0-9]{8}\.seg")
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
 
 
 def encode(key: str, ts: float, version: str, n: int, probability: bytes, decision: bytes, x: bytes,
-           extras: str | None) -> bytes:
+           extras: str | None, raw: bytes | None) -> bytes:
     """One request's row as a framed record (what `Journal.append` writes)."""
-    v, e = version.encode(), extras.encode() if extras is not None else b""
-    payload = b"".join((_ROW.pack(key.encode(), ts, n, len(v), len(e)), v, e, probability, decision, x))
+    v, e, r = version.encode(), extras.encode() if extras is not None else b"", raw or b""
+    payload = b"".join((_ROW.pack(key.encode(), ts, n, len(v), len(e), len(r)), v, e, r, probability, decision, x))
     return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def decode(data: bytes) -> tuple:
-    """The row (key, ts, version, n, probability, decision, x, extras) of a record's payload."""
-    key, ts, n, nv, ne = _ROW.unpack_from(data)
-    at = _ROW.size
+def decode(data: bytes, head: struct.Struct = _ROW) -> tuple:
+    """The row (key, ts, version, n, probability, decision, x, extras, raw) of a record's payload,
+    written with row header `head` (the segment's format)."""
+    key, ts, n, nv, ne, *nr = head.unpack_from(data)
+    nr = nr[0] if nr else 0
+    at = head.size
     version, extras = data[at:at + nv].decode(), data[at + nv:at + nv + ne].decode() if ne else None
-    at += nv + ne
-    return key.decode(), ts, version, n, data[at:at + 8 * n], data[at + 8 * n:at + 9 * n], data[at + 9 * n:], extras
-
+    raw = data[at + nv + ne:at + nv + ne + nr] if nr else None
+    at += nv + ne + nr
+    return (key.decode(), ts, version, n, data[at:at + 8 * n], data[at + 8 * n:at + 9 * n], data[at + 9 * n:],
+            extras, raw)
 
 
 class BacklogFull(Exception):
@@ -66,7 +71,7 @@ class BacklogFull(Exception):
 class Backlog:
     """One process's rows answered but not yet in the log: queued in memory (up to `max_bytes` of
     records) and journaled, in the same order. Thread-safe; the journal folder is made on first use.
-    A row is (key, ts, version, n, probability, decision, x, extras), the log's columns."""
+    A row is (key, ts, version, n, probability, decision, x, extras, raw), the log's columns."""
 
     def __init__(self, root: Path, max_bytes: int):
         self.root, self.max_bytes = root, max_bytes
@@ -309,16 +314,16 @@ def orphans(root: Path) -> Iterator[Path]:
                 os.close(fd)
 
 
-def segments(folder: Path) -> Iterator[list[bytes]]:
-    """The payloads of each segment of a folder, oldest first. ValueError for a segment of an
+def segments(folder: Path) -> Iterator[list[tuple]]:
+    """The rows of each segment of a folder, oldest first. ValueError for a segment of an
     unknown format (the folder must then be kept)."""
     for path in _segment_paths(folder):
         with contextlib.suppress(FileNotFoundError):
             yield list(_records(path.read_bytes()))
 
 
-def find(root: Path, key: str) -> bytes | None:
-    """The payload of request `key` in any process's journal (live or gone), if there."""
+def find(root: Path, key: str) -> tuple | None:
+    """The row of request `key` in any process's journal (live or gone), if there."""
     needle = key.encode()
     for folder in _folders(root):
         for path in _segment_paths(folder):
@@ -329,8 +334,9 @@ def find(root: Path, key: str) -> bytes | None:
             at = data.find(needle)
             while at >= len(MAGIC) + _HEAD.size:  # a payload starts with its key
                 size, crc = _HEAD.unpack_from(data, at - _HEAD.size)
-                if at + size <= len(data) and zlib.crc32(data[at:at + size]) == crc:
-                    return data[at:at + size]
+                head = _FORMATS.get(data[:len(MAGIC)])
+                if head and at + size <= len(data) and zlib.crc32(data[at:at + size]) == crc:
+                    return decode(data[at:at + size], head)
                 at = data.find(needle, at + 1)
     return None
 
@@ -348,8 +354,9 @@ def delete(folder: Path) -> None:
         log.warning("cannot delete the journal folder %s: %s", folder.name, exc)
 
 
-def _records(data: bytes) -> Iterator[bytes]:
-    if not data.startswith(MAGIC):
+def _records(data: bytes) -> Iterator[tuple]:
+    head = _FORMATS.get(data[:len(MAGIC)])
+    if head is None:
         if MAGIC.startswith(data):  # created, cut before its header was whole: empty
             return
         raise ValueError("a journal segment of an unknown format")
@@ -359,7 +366,7 @@ def _records(data: bytes) -> Iterator[bytes]:
         payload = data[at + _HEAD.size:at + _HEAD.size + size]
         if len(payload) != size or zlib.crc32(payload) != crc:
             return  # torn: the write was cut short, and nothing was appended after it
-        yield payload
+        yield decode(payload, head)
         at += _HEAD.size + size
 
 

@@ -26,7 +26,16 @@ from rareml.errors import InputError
 from rareml.features import RecordEncoder
 from rareml.model import Model, load_model
 from rareml.scoring import explanation
-from rareml.store import DuplicateFeedback, LogUnavailable, Store, UnknownPrediction
+from rareml.store import (
+    RAW_COLUMNS,
+    RAW_ONE,
+    RAW_RECORDS,
+    DuplicateFeedback,
+    LogUnavailable,
+    Store,
+    UnknownPrediction,
+    pack_request,
+)
 from rareml.telemetry import Metrics, observe_many
 
 log = logging.getLogger(__name__)
@@ -102,9 +111,10 @@ class Service:
     _children: dict = field(default_factory=dict)
     _status_at: float = 0.0
 
-    def score(self, rows: np.ndarray, extras: list[dict], served: Served) -> list[dict]:
-        """Score encoded rows with `served`, log them (before answering: a prediction that cannot
-        be made durable is refused with 503, never answered and lost) and count them."""
+    def score(self, rows: np.ndarray, extras: list[dict], served: Served, raw: bytes | None = None) -> list[dict]:
+        """Score encoded rows with `served`, log them with `raw`, the request as sent (before
+        answering: a prediction that cannot be made durable is refused with 503, never answered
+        and lost) and count them."""
         unseen = served.encoder.unseen(rows)
         if unseen.any():
             for name, count in zip(served.encoder.names, unseen.sum(axis=0)):
@@ -113,7 +123,7 @@ class Service:
         probability = served.model.predict_rows(np.where(unseen, np.nan, rows) if unseen.any() else rows)
         decision = (probability >= served.threshold).astype(int)
         try:
-            ids = self.store.add_predictions(served.version, probability, decision, rows, extras)
+            ids = self.store.add_predictions(served.version, probability, decision, rows, extras, raw)
         except LogUnavailable as exc:
             raise ApiError(503, "log_unavailable", f"the prediction was not made: {exc}") from None
         positives = int(decision.sum())
@@ -137,7 +147,7 @@ class Service:
         record = parse_json(body)
         row, extras = served.encoder.encode(record)
         self._count_ignored(served.encoder, record)
-        result = self.score(row[None], [extras], served)[0]
+        result = self.score(row[None], [extras], served, pack_request(RAW_ONE, body))[0]
         if explain:
             result["explanation"] = explanation(served.model, row, record, top)
         return result
@@ -159,7 +169,8 @@ class Service:
         encoder = served.encoder
         rows, extras = encoder.encode_many(records) if records is not None else encoder.encode_columns(columns)
         self._count_ignored(encoder, records if records is not None else columns)
-        return {"predictions": self.score(rows, extras, served), "model_version": served.version}
+        raw = pack_request(RAW_RECORDS if records is not None else RAW_COLUMNS, body)
+        return {"predictions": self.score(rows, extras, served, raw), "model_version": served.version}
 
     def _count_ignored(self, encoder: RecordEncoder, sent: object) -> None:
         """Count the fields the pipeline dropped that a client sent anyway (accepted, ignored), per row."""

@@ -3,9 +3,10 @@ restarts, and the source of every windowed signal (drift, fairness, live perform
 
 One row per request, however many records it scored: its key, time, model version, and as arrays
 the calibrated probabilities, the decisions and the encoded input rows (float32, what XGBoost sees;
-UNSEEN marks a category never seen in training; the records can be rebuilt from them for audits
-and retraining), plus the sensitive attributes that are not features. So a 1,000-record batch is
-one small write, not a thousand. A prediction's id is `<request key>-<position>`. A label, when it
+UNSEEN marks a category never seen in training), the sensitive attributes that are not features,
+and the request's body as the client sent it (`pack_request`; journaled as it came, compressed
+by the writer thread on its way into the log, so no request waits for zlib), so an audit shows what
+was sent and retraining learns levels the model never saw (`record_of`). So a 1,000-record batch is one small write, not a thousand. A prediction's id is `<request key>-<position>`. A label, when it
 arrives, is stored with a copy of its prediction, so the labeled window is one table read.
 WAL mode lets several processes write; each thread of each process has its own connection.
 
@@ -34,6 +35,7 @@ import struct
 import threading
 import time
 import weakref
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +55,8 @@ CREATE TABLE IF NOT EXISTS requests (
     probability BLOB NOT NULL,
     decision BLOB NOT NULL,
     x BLOB NOT NULL,
-    extras TEXT
+    extras TEXT,
+    raw BLOB
 );
 CREATE TABLE IF NOT EXISTS alerts (
     seq INTEGER PRIMARY KEY,
@@ -74,9 +77,12 @@ CREATE TABLE IF NOT EXISTS feedback (
     probability REAL NOT NULL,
     decision INTEGER NOT NULL,
     x BLOB NOT NULL,
-    extras TEXT
+    extras TEXT,
+    raw TEXT
 );
 """
+_ADDED = {"requests": ("raw", "BLOB"), "feedback": ("raw", "TEXT")}  # columns newer than the log's first release
+RAW_ONE, RAW_RECORDS, RAW_COLUMNS = b"1", b"R", b"C"  # what a request's body holds: first byte of its raw
 
 
 @dataclass(frozen=True)
@@ -119,8 +125,8 @@ MIN_FREE_BYTES = 1 << 20  # less free on the log's filesystem: not writable (eve
 # only the one whose write failed first; and the backlog keeps room to drain)
 BUSY_SECONDS = 10.0  # how long a write waits for another process's; then LogUnavailable
 WAIT_SECONDS = 1.0  # how long a reader waits for this process's writer before reading what is there
-_INSERT = ("INSERT OR IGNORE INTO requests (key, ts, model_version, n, probability, decision, x, extras) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")  # OR IGNORE: a row may be journaled, and so written, twice
+_INSERT = ("INSERT OR IGNORE INTO requests (key, ts, model_version, n, probability, decision, x, extras, raw) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")  # OR IGNORE: a row may be journaled, and so written, twice
 _PREDICTION_ID = re.compile(r"([0-9a-f]{16})-(0|[1-9][0-9]{0,8})")
 _STORES: weakref.WeakSet = weakref.WeakSet()  # reset in a forked child (see _after_fork)
 _FORK_HOOK: list = []  # registered once, with the first store
@@ -195,6 +201,9 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            for table, (column, kind) in _ADDED.items():  # a log written by an older release
+                if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             return conn, _inode(self.path)
 
     def ping(self) -> None:
@@ -205,13 +214,14 @@ class Store:
     # -- predictions --------------------------------------------------------------------------
 
     def add_predictions(self, version: str, probability: np.ndarray, decision: np.ndarray, rows: np.ndarray,
-                        extras: list[dict] | None = None) -> list[str]:
-        """Log one request's predictions; returns their ids, in order, once they are journaled.
-        LogUnavailable if they cannot be (the journal cannot be written, or the backlog is full)."""
+                        extras: list[dict] | None = None, raw: bytes | None = None) -> list[str]:
+        """Log one request's predictions (and `raw`, its body from `pack_request`); returns their
+        ids, in order, once they are journaled. LogUnavailable if they cannot be (the journal
+        cannot be written, or the backlog is full)."""
         key = os.urandom(8).hex()
         row = (key, time.time(), version, len(rows), np.asarray(probability, np.float64).tobytes(),
                np.asarray(decision, np.uint8).tobytes(), np.asarray(rows, np.float32).tobytes(),
-               json.dumps(extras) if extras and extras[0] else None)
+               json.dumps(extras) if extras and extras[0] else None, raw)
         try:
             waiting = self._backlog.add(row)
         except journal.BacklogFull as exc:
@@ -261,7 +271,7 @@ class Store:
             conn = self._conn()
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(_INSERT, [row for _, row, _ in chunk])
+                conn.executemany(_INSERT, [_compressed(row) for _, row, _ in chunk])
             moved = _inode(self.path) != self._local.inode  # deleted meanwhile: again, into the new file
         except (sqlite3.Error, OSError) as exc:
             self._backlog.give_back(chunk)
@@ -359,7 +369,7 @@ class Store:
         for folder in journal.orphans(self._root):
             try:
                 self._conn()
-                added += sum(self._insert(payloads) for payloads in journal.segments(folder))
+                added += sum(self._insert(rows) for rows in journal.segments(folder))
                 if _inode(self.path) == self._local.inode:  # else written to a deleted file: next time
                     journal.delete(folder)
             except (sqlite3.Error, OSError) as exc:
@@ -372,14 +382,14 @@ class Store:
             self._replayed += added
         return added
 
-    def _insert(self, payloads: list[bytes]) -> int:
+    def _insert(self, rows: list[tuple]) -> int:
         """Write journaled rows (those not in the log yet), in bounded transactions; returns how many."""
         conn, added = self._conn(), 0
-        for i in range(0, len(payloads), CHUNK_REQUESTS):
+        for i in range(0, len(rows), CHUNK_REQUESTS):
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
                 before = conn.total_changes
-                conn.executemany(_INSERT, [journal.decode(p) for p in payloads[i:i + CHUNK_REQUESTS]])
+                conn.executemany(_INSERT, [_compressed(row) for row in rows[i:i + CHUNK_REQUESTS]])
                 added += conn.total_changes - before
         return added
 
@@ -401,12 +411,14 @@ class Store:
                 raise DuplicateFeedback(prediction_id)  # its prediction is gone (retention), its label is not
             if got is None or i >= got[1]:
                 raise UnknownPrediction(prediction_id)
-            version, _, p, d, x, extras = got
+            version, _, p, d, x, extras, raw = got
             extra = json.dumps(json.loads(extras)[i]) if extras else None
+            sent = record_of(raw, i)
             self._conn().execute(
-                "INSERT INTO feedback (prediction_id, label, ts, model_version, probability, decision, x, extras) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (prediction_id, label, time.time(), version, struct.unpack("<d", p)[0], d[0], x, extra))
+                "INSERT INTO feedback (prediction_id, label, ts, model_version, probability, decision, x, extras, raw) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (prediction_id, label, time.time(), version, struct.unpack("<d", p)[0], d[0], x, extra,
+                 json.dumps(sent) if sent is not None else None))
         except sqlite3.IntegrityError:
             raise DuplicateFeedback(prediction_id) from None
         except (sqlite3.Error, OSError) as exc:
@@ -416,16 +428,16 @@ class Store:
         """A prediction answered but not in the log yet: in a journal (of this process, of a live
         one, of one that is gone). Written into the log, then read back."""
         self.replay()
-        payload = journal.find(self._root, key)
-        if payload is not None:
-            self._insert([payload])
+        row = journal.find(self._root, key)
+        if row is not None:
+            self._insert([row])
         return self._request_slice(key, i)  # also if its writer wrote it while we looked
 
     def _request_slice(self, key: str, i: int) -> tuple | None:
         width = 4 * self.n_features
         return self._conn().execute(
             "SELECT model_version, n, substr(probability, ? * 8 + 1, 8), substr(decision, ? + 1, 1), "
-            "substr(x, ? * ? + 1, ?), extras FROM requests WHERE key = ?", (i, i, i, width, width, key)).fetchone()
+            "substr(x, ? * ? + 1, ?), extras, raw FROM requests WHERE key = ?", (i, i, i, width, width, key)).fetchone()
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -459,6 +471,18 @@ class Store:
         return Labeled(np.array([r[0] for r in got], float), np.array([r[1] for r in got], int),
                        rows.astype(np.float64), [json.loads(r[3]) if r[3] else {} for r in got],
                        label=np.array([r[4] for r in got], int))
+
+    def labelled_records(self, since: float | None = None) -> list[dict]:
+        """Every label of a prediction made at or after `since` (epoch seconds; all if None),
+        oldest prediction first: its id, time (of the prediction, else of the label), label, model
+        version, probability, and the record as the client sent it (None if the log has none: a
+        log written by an older release)."""
+        got = self._read(
+            "SELECT f.prediction_id, coalesce(r.ts, f.ts), f.label, f.model_version, f.probability, f.raw "
+            "FROM feedback f LEFT JOIN requests r ON r.key = substr(f.prediction_id, 1, 16) "
+            "WHERE coalesce(r.ts, f.ts) >= ? ORDER BY coalesce(r.ts, f.ts), f.seq", (since or 0.0,))
+        return [{"prediction_id": r[0], "ts": r[1], "label": r[2], "model_version": r[3], "probability": r[4],
+                 "record": json.loads(r[5]) if r[5] else None} for r in got]
 
     def add_alerts(self, alerts: list[dict]) -> None:
         """Record alerts as Alertmanager's webhook sends them (already validated); LogUnavailable
@@ -606,3 +630,29 @@ def _after_fork() -> None:
         _INHERITED.append(store._local)
         store._backlog.abandon()
         store._reset()
+
+
+def pack_request(kind: bytes, body: bytes) -> bytes:
+    """A request's body as the journal keeps it: RAW_ONE (one record), RAW_RECORDS or RAW_COLUMNS
+    (a batch), then the body."""
+    return kind + body
+
+
+def _compressed(row: tuple) -> tuple:
+    """A journaled row as the log keeps it: its body compressed (zlib level 1: 8 us for a 700-byte
+    record, some ms for a 1,000-record batch; the writer thread's time, not the request's)."""
+    raw = row[-1]
+    return row if not raw else (*row[:-1], raw[:1] + zlib.compress(raw[1:], 1))
+
+
+def record_of(raw: bytes | None, i: int) -> dict | None:
+    """Record `i` of a request as the client sent it (None if the log has no body for it)."""
+    if not raw:
+        return None
+    kind, sent = raw[:1], json.loads(zlib.decompress(raw[1:]))
+    if kind == RAW_ONE:
+        return sent
+    if kind == RAW_RECORDS:
+        return sent["records"][i]
+    return {name: values[i] if isinstance(values, list) and i < len(values) else None
+            for name, values in sent["columns"].items()}

@@ -215,6 +215,25 @@ def test_feedback_is_recorded_once_and_survives_a_restart(make_app, records, tmp
     assert sample(m, "rareml_window_predictions") == 2 and sample(m, "rareml_window_labeled") == 2
 
 
+def test_the_log_keeps_each_record_as_sent_new_levels_and_all(make_app, model, records, tmp_path):
+    from rareml.store import Store
+
+    db = tmp_path / "p.db"
+    client = make_app(db).test_client()
+    cat = next(f.name for f in model.schema.features if f.kind == "categorical")
+    assert model.schema.ignored  # census drops columns: a record from the data file still carries them
+    new_level = dict(records[0]) | {cat: "a level the model never saw", model.schema.ignored[0]: [1, 2]}
+    pid_one = predict(client, new_level)["prediction_id"]
+    pids = [p["prediction_id"] for p in post(client, "/predict/batch", {"records": records[1:3]}).get_json()["predictions"]]
+    columns = {name: [r.get(name) for r in records[3:5]] for name in records[3]}
+    pid_col = post(client, "/predict/batch", {"columns": columns}).get_json()["predictions"][1]["prediction_id"]
+    for pid in (pid_one, pids[1], pid_col):
+        assert post(client, "/feedback", {"prediction_id": pid, "label": 1}).status_code == 200
+    got = Store(db, len(model.schema.features)).labelled_records()
+    assert [g["record"] for g in got] == [new_level, records[2], records[4]]
+    assert [g["prediction_id"] for g in got] == [pid_one, pids[1], pid_col]
+
+
 @pytest.mark.parametrize("label", [2, -1, "1", "0", 0.5, 1.0, 0.0, None, [1], {"v": 1}, 10**30])
 def test_feedback_label_must_be_0_or_1(client, records, label):
     pid = predict(client, records[0])["prediction_id"]

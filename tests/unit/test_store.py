@@ -2,6 +2,7 @@
 concurrent writers."""
 from __future__ import annotations
 
+import json
 import multiprocessing
 import sqlite3
 
@@ -242,3 +243,42 @@ def test_a_nearly_full_disk_is_told_by_every_process_before_a_write_fails(store,
     assert not status.writable and "disk is full" in status.reason and str(store.path.parent) not in status.reason
     monkeypatch.setattr(store_module, "MIN_FREE_BYTES", 0)
     assert store.status().writable
+
+
+def test_the_request_as_sent_is_kept_and_labels_carry_their_record(store):
+    from rareml.store import RAW_COLUMNS, RAW_ONE, RAW_RECORDS, pack_request, record_of
+
+    one = {"age": 41, "job": "a level never seen", "note": "ignored"}
+    batch = {"records": [{"age": 1, "job": "x"}, {"age": 2, "job": None}]}
+    columns = {"columns": {"age": [5, 6, 7], "job": ["p", "q", "r"], "short": [1]}}
+    ids = []
+    for kind, body, n in ((RAW_ONE, one, 1), (RAW_RECORDS, batch, 2), (RAW_COLUMNS, columns, 3)):
+        raw = pack_request(kind, json.dumps(body).encode())
+        ids.append(store.add_predictions("v1", np.full(n, 0.5), np.ones(n, int), rows_of(n), [{}] * n, raw))
+    assert record_of(None, 0) is None
+    for pid, label in ((ids[0][0], 1), (ids[1][1], 0), (ids[2][2], 1)):
+        store.add_feedback(pid, label)
+    got = store.labelled_records()
+    assert [g["prediction_id"] for g in got] == [ids[0][0], ids[1][1], ids[2][2]]
+    assert [g["label"] for g in got] == [1, 0, 1]
+    assert [g["record"] for g in got] == [one, {"age": 2, "job": None}, {"age": 7, "job": "r", "short": None}]
+    assert all(g["ts"] > 0 and g["model_version"] == "v1" for g in got)
+    assert store.labelled_records(since=got[-1]["ts"]) == got[-1:]
+
+
+def test_a_log_of_the_first_release_gains_the_raw_columns_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "old.db"
+    old_schema = store_module._SCHEMA.replace(",\n    raw BLOB\n", "\n").replace(",\n    raw TEXT\n", "\n")
+    assert "raw" not in old_schema
+    with sqlite3.connect(path) as conn:
+        conn.executescript(old_schema)
+        conn.execute("INSERT INTO requests (key, ts, model_version, n, probability, decision, x) VALUES "
+                     "(?, 1.0, 'v0', 1, ?, ?, ?)", ("a" * 16, np.float64(0.75).tobytes(), b"\1",
+                                                    np.zeros(N_FEATURES, np.float32).tobytes()))
+    store = Store(path, N_FEATURES)
+    store.add_feedback("a" * 16 + "-0", 1)
+    assert store.labelled_records() == [{"prediction_id": "a" * 16 + "-0", "ts": 1.0, "label": 1,
+                                         "model_version": "v0", "probability": 0.75, "record": None}]
+    log(store, 2)
+    store.flush()
+    assert store.counts()["requests"] == 2

@@ -260,7 +260,7 @@ def test_replay_skips_a_torn_record_and_keeps_what_it_cannot_read(tmp_path):
     (folder,) = [p for p in root.iterdir() if p.is_dir()]
     (segment,) = folder.glob("*.seg")
     with open(segment, "ab") as f:
-        f.write(journal.encode("f" * 16, 0.0, "v1", 1, b"\0" * 8, b"\0", b"\0" * 12, None)[:-5])  # cut short
+        f.write(journal.encode("f" * 16, 0.0, "v1", 1, b"\0" * 8, b"\0", b"\0" * 12, None, None)[:-5])  # cut short
     strange = root / "12-0123abcd"  # named like a journal, but of a format this code does not know
     strange.mkdir()
     (strange / "lock").touch()
@@ -298,3 +298,23 @@ def test_the_byte_bound_refuses_predictions_rather_than_dropping_any(tmp_path, m
     assert_all_found(store, ids)
     log(store, 1)  # accepted again
     assert store.status().writable
+
+
+def test_a_journal_of_the_first_format_is_replayed_after_an_upgrade(tmp_path):
+    """A server of the previous release was killed; this release replays its journal (no raw body)."""
+    import struct
+    import zlib
+
+    path = tmp_path / "p.db"
+    folder = tmp_path / "p.db.journal" / "12-0123abcd"
+    folder.mkdir(parents=True)
+    (folder / "lock").touch()
+    x = np.arange(N_FEATURES, dtype=np.float32).tobytes()
+    payload = struct.pack("<16sdIHI", b"b" * 16, 5.0, 1, 2, 0) + b"v0" + np.float64(0.25).tobytes() + b"\0" + x
+    record = struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
+    (folder / "00000001.seg").write_bytes(b"rareml-journal-1\n" + record)
+    store = Store(path, N_FEATURES)
+    assert store.replay() == 1 and not folder.exists()
+    store.add_feedback("b" * 16 + "-0", 0)
+    assert store.labelled_records() == [{"prediction_id": "b" * 16 + "-0", "ts": 5.0, "label": 0,
+                                         "model_version": "v0", "probability": 0.25, "record": None}]
