@@ -5,7 +5,9 @@ statistics of the training split for drift monitoring, split method, fingerprint
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+from pathlib import Path
 
 from rareml.artifacts import Layout, file_sha256, write_json
 from rareml.cli import run, stage_parser
@@ -25,8 +27,15 @@ log = logging.getLogger("01_prepare")
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, help="this data file instead of the config's (06_retrain.py)")
+    parser.add_argument("--test-data", type=Path, help="this separate test file instead of the config's split")
+    parser.add_argument("--weight", help="the column of row weights, instead of the config's")
+    args = parser.parse_args(argv)
     config = load_config(args.config)
+    given = {"data": args.data and args.data.resolve(), "test_data": args.test_data and args.test_data.resolve(),
+             "weight": args.weight}
+    config = dataclasses.replace(config, **{k: v for k, v in given.items() if v})
     layout = Layout(args.artifacts)
     raw = load_tables(config)
     raw.index.name = "_row"
@@ -39,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     train.to_parquet(layout.train)
     test.to_parquet(layout.test)
     write_json(layout.prepared, {
-        "config": {"name": config.name, "path": config.path, "data": config.data},
+        "config": {"name": config.name, "path": config.path, "data": config.data, "test_data": config.test_data,
+                   "weight": config.weight},
         "split": how,
         "rows": {"train": len(train), "test": len(test)},
         "positives": {"train": int(train[LABEL].sum()), "test": int(test[LABEL].sum())},

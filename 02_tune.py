@@ -25,7 +25,7 @@ from rareml import metrics
 from rareml.artifacts import Layout, read_json, write_json
 from rareml.cli import require, run, stage_parser
 from rareml.config import load_config
-from rareml.data import LABEL
+from rareml.data import LABEL, weights_of
 from rareml.errors import RareMLError
 from rareml.features import Schema, to_frame
 from rareml.model import ENCODINGS, base_params, dmatrix, mean_margin, raw_scores, train_booster
@@ -79,14 +79,17 @@ class Fold:
     valid_idx: np.ndarray
 
 
-def make_folds(X: pd.DataFrame, y: np.ndarray, k: int, repeats: int, seed: int) -> list[Fold]:
-    """Built once and reused by every trial (same folds for all: fair comparison and pruning)."""
+def make_folds(X: pd.DataFrame, y: np.ndarray, k: int, repeats: int, seed: int,
+               weight: np.ndarray | None = None) -> list[Fold]:
+    """Built once and reused by every trial (same folds for all: fair comparison and pruning). Row
+    weights, when given, weigh the fitting and early stopping; the validation scores are unweighted."""
     folds = []
     splitter = RepeatedStratifiedKFold(n_splits=k, n_repeats=repeats, random_state=seed)
     for train_idx, valid_idx in splitter.split(X, y):
         fit_idx, stop_idx = train_test_split(train_idx, test_size=ES_SHARE, stratify=y[train_idx],
                                              random_state=seed)
-        parts = [{e: dmatrix(X.iloc[idx], y[idx], e) for e in ENCODINGS} for idx in (fit_idx, stop_idx, valid_idx)]
+        parts = [{e: dmatrix(X.iloc[idx], y[idx], e, None if weight is None or idx is valid_idx else weight[idx])
+                  for e in ENCODINGS} for idx in (fit_idx, stop_idx, valid_idx)]
         folds.append(Fold(*parts, valid_idx))
     return folds
 
@@ -248,7 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--started-at", type=float, default=None,
                         help="epoch seconds the budget counts from (make all: before prepare; default: now)")
     parser.add_argument("--n-trials", type=int, default=None, help="stop after this many trials (default: budget)")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                        help="an MLflow tag for the run and the registered model (06_retrain.py: the alert)")
     args = parser.parse_args(argv)
+    tags = dict(t.partition("=")[::2] for t in args.tag)
     config, layout = load_config(args.config), Layout(args.artifacts)
     prepared = read_json(require(layout.prepared, "prepare"))
     schema = Schema.from_dict(prepared["schema"])
@@ -256,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     X, y = to_frame(train, schema), train[LABEL].to_numpy()
     started, end = time.monotonic(), (args.started_at or time.time()) + args.time_budget
     k, repeats = config.folds_for(len(train)), config.repeats_for(len(train))
-    folds = make_folds(X, y, k, repeats, config.seed)
+    folds = make_folds(X, y, k, repeats, config.seed, weights_of(train))
     objective = Objective(folds, y, config.seed, end, test_rows=prepared["rows"]["test"])
     sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=8)
     # after 4 complete trials, a trial whose running mean falls below the median at a fold stops there
@@ -273,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.log_params({"config": config.path.name, "cv_folds": k, "cv_repeats": repeats, "seed": config.seed,
                            "time_budget_s": args.time_budget, "n_trials_max": args.n_trials,
                            "train_rows": len(train), "train_positives": int(y.sum())})
-        mlflow.set_tags({"stage": "tune", **{f"fingerprint.{k}": v for k, v in prepared["fingerprint"].items()}})
+        mlflow.set_tags({"stage": "tune", **{f"fingerprint.{k}": v for k, v in prepared["fingerprint"].items()},
+                         **tags})
         mlflow.log_artifact(str(config.path), "config")
         log_split(train, "train", layout.train, config, prepared)  # the test split is logged by 03, which uses it
         study.optimize(objective, n_trials=args.n_trials, catch=(),
@@ -310,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
                       "n_estimators": round(float(np.mean(m.rounds)))} for m in members],
         "oof_average_precision": metrics.average_precision(y, oof),
         "budget": {"seconds": args.time_budget, "ends_at": end, "reserved_for_final_stage_s": objective.reserve()},
-        "mlflow": {"tracking_uri": uri, "experiment": config.name, "parent_run_id": parent.info.run_id},
+        "mlflow": {"tracking_uri": uri, "experiment": config.name, "parent_run_id": parent.info.run_id, "tags": tags},
     })
     log.info("best trial %d: CV average precision %.4f (%s) in %.0f s", best.number, best.value,
              ", ".join(f"{n} {k.lower()}" for k, n in states.items()), time.monotonic() - started)

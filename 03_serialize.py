@@ -26,7 +26,7 @@ from rareml.artifacts import Layout, read_json, write_json
 from rareml.calibration import select_calibrator
 from rareml.cli import require, run, stage_parser
 from rareml.config import Config, load_config
-from rareml.data import LABEL, numeric_reference
+from rareml.data import LABEL, numeric_reference, weights_of
 from rareml.errors import RareMLError
 from rareml.features import Schema, to_frame, to_records
 from rareml.model import MANIFEST_FILE, average_boosters, dmatrix, load_model, raw_scores, save_model, train_booster
@@ -68,13 +68,13 @@ def figures(y, p, raw, curve, choice, contribs, sample, names) -> dict:
             "shap_beeswarm.png": plots.shap_beeswarm(names, contribs, values)}
 
 
-def lineage(layout: Layout, config: Config, prepared: dict, train: pd.DataFrame) -> dict:
+def lineage(root: Path, config: Config, prepared: dict, train: pd.DataFrame) -> dict:
     """Where a model comes from: the champion it would replace, the data it saw, its time window."""
     window = None
     if config.time and config.time in train:
         times = train[config.time].dropna()
         window = {"column": config.time, "from": _plain(times.min()), "to": _plain(times.max())}
-    return {"parent": registry.version_of(layout.root, registry.CHAMPION), "window": window,
+    return {"parent": registry.version_of(root, registry.CHAMPION), "window": window,
             "split": prepared["split"], "rows": prepared["rows"],
             "data_sha256": prepared["fingerprint"]["data_file_sha256"]}
 
@@ -129,7 +129,8 @@ def log_to_mlflow(config: Config, tuned: dict, layout: Layout, manifest: dict, p
         version = mlflow.register_model(info.model_uri, config.name, tags={
             "model_version": manifest["model_version"], "lineage.parent_model_version": str(line["parent"]),
             "lineage.parent_mlflow_version": str(parent), "lineage.data_sha256": line["data_sha256"],
-            "lineage.window": json.dumps(line["window"]), "lineage.split": line["split"]})
+            "lineage.window": json.dumps(line["window"]), "lineage.split": line["split"],
+            **tuned["mlflow"].get("tags", {})})
         for alias in aliases:
             client.set_registered_model_alias(config.name, alias, version.version)
     return {"tracking_uri": uri, "run_id": run_.info.run_id, "registered_model": config.name,
@@ -145,9 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     moves.add_argument("--promote", nargs="?", const="", metavar="VERSION",
                        help="make VERSION (default: the challenger) the champion, and train nothing")
     moves.add_argument("--rollback", action="store_true", help="the previous champion serves again; train nothing")
+    parser.add_argument("--registry", type=Path, default=None,
+                        help="the artifacts folder whose models/ and aliases get the model (default: --artifacts)")
     args = parser.parse_args(argv)
+    root = args.registry or args.artifacts
     if args.promote is not None or args.rollback:
-        move_aliases(args.artifacts, args.promote or None, args.rollback, not args.no_mlflow)
+        move_aliases(root, args.promote or None, args.rollback, not args.no_mlflow)
         return
     config, layout = load_config(args.config), Layout(args.artifacts)
     tuned = read_json(require(layout.tuned, "tune"))
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     encoding = tuned["encoding"]
     members = tuned.get("ensemble") or [{"params": tuned["params"], "n_estimators": tuned["n_estimators"]}]
-    dtrain = dmatrix(to_frame(train, schema), train[LABEL].to_numpy(), encoding)
+    dtrain = dmatrix(to_frame(train, schema), train[LABEL].to_numpy(), encoding, weights_of(train))
     booster = average_boosters([train_booster(m["params"], dtrain, m["n_estimators"]) for m in members])
     y_oof, raw_oof = oof[LABEL].to_numpy(), oof["score"].to_numpy()
     calibrator, calibration_cv = select_calibrator(y_oof, raw_oof, seed=config.seed)
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         # scores come from the fold models, distributed differently: PSI ~0.27 on the test split itself)
         "schema": schema.to_dict(), "reference": prepared["reference"] | {"__score__": numeric_reference(p_test)},
         "data": {"fingerprint": prepared["fingerprint"], "split": prepared["split"], "rows": prepared["rows"]},
-        "lineage": lineage(layout, config, prepared, train),
+        "lineage": lineage(root, config, prepared, train),
         "versions": {"python": platform.python_version(), "xgboost": xgb.__version__,
                      "scikit-learn": sklearn.__version__, "pandas": pd.__version__},
     })
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, fig in figures(y_test, p_test, raw_test, curve, choice, contribs, sample, schema.names).items():
         fig.savefig(layout.reports / name, dpi=110)
     write_json(layout.reports / "metrics.json", manifest["metrics"])
-    local = registry.register(layout.root, layout.model_dir)
+    local = registry.register(root, layout.model_dir)
     tracked = None if args.no_mlflow else log_to_mlflow(config, tuned, layout, manifest, prepared,
                                                         {"train": train, "test": test}, local["aliases"])
     write_json(layout.root / "serialized.json", {"model_dir": layout.model_dir, "model_version":
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         late = time.time() - budget["ends_at"]
         print(f"time budget:  {budget['seconds']:.0f} s, {'exceeded by' if late > 0 else 'finished'} "
               f"{abs(late):.0f} s {'' if late > 0 else 'early'}".rstrip())
-    champion = registry.version_of(layout.root, registry.CHAMPION)
+    champion = registry.version_of(root, registry.CHAMPION)
     if registry.CHAMPION in local["aliases"]:
         print("serving:      this model is the champion (the first one here): make serve serves it")
     else:

@@ -35,6 +35,7 @@ class Config:
     drop: tuple[str, ...] = ()
     sensitive: tuple[str, ...] = ()
     time: str | None = None
+    weight: str | None = None  # a column of row weights (e.g. survey weights): used in fitting, not a feature
     test_data: Path | None = None
     categorical: tuple[str, ...] = ()
     numeric: tuple[str, ...] = ()
@@ -60,6 +61,8 @@ class Config:
         named = {self.target: "target"}
         if self.time:
             named[self.time] = "time"
+        if self.weight:
+            named[self.weight] = "weight"
         for key in ("drop", "sensitive", "categorical", "numeric"):
             for col in getattr(self, key):
                 named.setdefault(col, key)
@@ -68,7 +71,7 @@ class Config:
 
 _TYPES = {
     "name": str, "data": str, "target": str, "positive": (int, str, bool), "drop": list,
-    "sensitive": list, "time": str, "test_data": str, "categorical": list, "numeric": list, "test_size": float,
+    "sensitive": list, "time": str, "weight": str, "test_data": str, "categorical": list, "numeric": list, "test_size": float,
     "cv_folds": int, "cv_repeats": int, "seed": int, "max_categories": int, "threshold": dict,
 }
 _THRESHOLD_TYPES = {"metric": str, "beta": float, "min_precision": float, "min_recall": float,
@@ -122,7 +125,7 @@ def load_config(path: str | Path) -> Config:
         raise RareMLError(f"{path.name}: column(s) both categorical and numeric: {', '.join(sorted(both))}")
     config = Config(
         name=table["name"], data=(path.parent / table["data"]).resolve(), target=table["target"],
-        positive=table["positive"], path=path, time=table.get("time"), **lists,
+        positive=table["positive"], path=path, time=table.get("time"), weight=table.get("weight"), **lists,
         test_data=(path.parent / table["test_data"]).resolve() if "test_data" in table else None,
         test_size=float(table.get("test_size", 0.2)), cv_folds=table.get("cv_folds"), cv_repeats=table.get("cv_repeats"),
         seed=table.get("seed", 42), max_categories=table.get("max_categories", 200),
@@ -134,6 +137,6 @@ def load_config(path: str | Path) -> Config:
         raise RareMLError(f"{path.name}: cv_folds must be between 2 and 20")
     if config.cv_repeats is not None and not 1 <= config.cv_repeats <= 10:
         raise RareMLError(f"{path.name}: cv_repeats must be between 1 and 10")
-    if config.target in config.drop or config.target == config.time:
-        raise RareMLError(f"{path.name}: the target '{config.target}' cannot also be dropped or the time column")
+    if config.target in config.drop or config.target in (config.time, config.weight):
+        raise RareMLError(f"{path.name}: the target '{config.target}' cannot also be dropped, the time or the weight column")
     return config

@@ -18,6 +18,7 @@ from rareml.features import CATEGORICAL, NUMERIC, Feature, Schema, category_stri
 log = logging.getLogger(__name__)
 LABEL = "_label"  # the target as 0/1 in the prepared splits
 TEST_FLAG = "_is_test"  # marks the rows of a separate test file (config `test_data`)
+WEIGHT = "_weight"  # row weights in the prepared splits (config `weight`), when there are any
 
 
 @dataclass
@@ -113,10 +114,12 @@ def prepare(frame: pd.DataFrame, config: Config) -> Prepared:
         frame = frame.loc[~missing_target]
     frame = frame.copy()
     frame[LABEL] = _label(frame, config)
+    if config.weight:
+        frame[WEIGHT] = _weights(frame[config.weight], config.weight)
     dropped = {c: "config drop" for c in config.drop}
     kinds = {}
     for col in frame.columns:
-        if col in (config.target, LABEL, TEST_FLAG, config.time) or col in dropped:
+        if col in (config.target, LABEL, TEST_FLAG, WEIGHT, config.time, config.weight) or col in dropped:
             continue
         if frame[col].isna().all():
             dropped[col] = "all values missing"
@@ -132,10 +135,26 @@ def prepare(frame: pd.DataFrame, config: Config) -> Prepared:
     if not kinds:
         raise RareMLError("no usable feature columns left after dropping")
     keep = list(kinds) + [c for c in config.sensitive if c not in kinds] + [config.target, LABEL]
-    keep += [c for c in (config.time, TEST_FLAG) if c and c in frame]
-    removed = set(dropped) | {config.target, config.time}
+    keep += [c for c in (config.time, WEIGHT, TEST_FLAG) if c and c in frame]
+    removed = set(dropped) | {config.target, config.time, config.weight}
     ignored = tuple(c for c in frame.columns if c in removed and c not in kinds and c not in config.sensitive)
     return Prepared(frame=frame[list(dict.fromkeys(keep))], kinds=kinds, dropped=dropped, ignored=ignored)
+
+
+def _weights(values: pd.Series, name: str) -> pd.Series:
+    """The `weight` column as float64: numbers >= 0, none missing, not all zero."""
+    weights = pd.to_numeric(values, errors="coerce")
+    bad = values[weights.isna() | ~np.isfinite(weights) | (weights < 0)]
+    if len(bad):
+        raise RareMLError(f"weight column '{name}' holds {bad.iloc[0]!r}: weights must be finite numbers >= 0")
+    if not (weights > 0).any():
+        raise RareMLError(f"weight column '{name}' is zero everywhere")
+    return weights.astype("float64")
+
+
+def weights_of(frame: pd.DataFrame) -> np.ndarray | None:
+    """A prepared split's row weights, or None when the config gives none."""
+    return frame[WEIGHT].to_numpy(dtype=float) if WEIGHT in frame else None
 
 
 def split(frame: pd.DataFrame, config: Config) -> tuple[pd.DataFrame, pd.DataFrame, str]:

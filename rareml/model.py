@@ -41,14 +41,16 @@ def base_params(seed: int) -> dict:
 ENCODINGS = ("native", "ordinal")
 
 
-def dmatrix(frame: pd.DataFrame, label: np.ndarray | None = None, encoding: str = "native") -> xgb.DMatrix:
+def dmatrix(frame: pd.DataFrame, label: np.ndarray | None = None, encoding: str = "native",
+            weight: np.ndarray | None = None) -> xgb.DMatrix:
     """Model input for XGBoost. Categoricals either as XGBoost's native categories (partition
     splits) or `ordinal`: their position among the schema's sorted levels, as a number. Which one
     wins depends on the data (on census, ordinal: high-cardinality partitions overfit), so the
     search chooses; the model folder records the choice."""
     if encoding == "ordinal":
         frame = frame.apply(lambda c: c.cat.codes.astype(float).where(c.notna()) if c.dtype == "category" else c)
-    return xgb.DMatrix(frame, label=label, enable_categorical=encoding == "native", nthread=os.cpu_count() or 1)
+    return xgb.DMatrix(frame, label=label, weight=weight, enable_categorical=encoding == "native",
+                       nthread=os.cpu_count() or 1)
 
 
 def train_booster(params: dict, dtrain: xgb.DMatrix, rounds: int, deval: xgb.DMatrix | None = None,

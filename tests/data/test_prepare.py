@@ -7,7 +7,17 @@ import pandas as pd
 import pytest
 
 from rareml.config import load_config
-from rareml.data import LABEL, infer_schema, load_table, load_tables, prepare, reference_stats, split, split_warnings
+from rareml.data import (
+    LABEL,
+    infer_schema,
+    load_table,
+    load_tables,
+    prepare,
+    reference_stats,
+    split,
+    split_warnings,
+    weights_of,
+)
 from rareml.errors import InputError, RareMLError
 from rareml.model import load_model
 from rareml.scoring import LocalScorer
@@ -202,3 +212,19 @@ def test_a_raw_row_of_the_table_scores_through_the_real_stages(tmp_path):
     with pytest.raises(InputError, match="unknown field 'height'") as caught:
         encoder.encode(raw[0] | {"height": 180})
     assert caught.value.field == "height"
+
+
+def test_a_weight_column_weighs_rows_and_is_never_a_feature(tmp_path):
+    data = frame().assign(w=np.linspace(0.5, 2.0, 400))
+    cfg = config(tmp_path, 'weight = "w"\n')
+    prepared = prepare(data, cfg)
+    assert "w" not in prepared.kinds and "w" in prepared.ignored
+    np.testing.assert_array_equal(weights_of(prepared.frame), data.w.to_numpy())
+    assert weights_of(prepare(frame(), config(tmp_path)).frame) is None
+    for bad, message in ((-1.0, "holds -1.0"), (np.nan, "holds nan"), ("heavy", "holds 'heavy'")):
+        with pytest.raises(RareMLError, match=f"weight column 'w' {message}"):
+            prepare(data.assign(w=data.w.astype(object).where(data.index != 3, bad)), cfg)
+    with pytest.raises(RareMLError, match="zero everywhere"):
+        prepare(data.assign(w=0.0), cfg)
+    with pytest.raises(RareMLError, match="'nope' \\(weight\\)"):
+        prepare(data, config(tmp_path, 'weight = "nope"\n'))
