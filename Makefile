@@ -13,7 +13,7 @@ WORKERS ?= 2
 export MLFLOW_DISABLE_TELEMETRY ?= true
 STAGE_ARGS = --config $(CONFIG) --artifacts $(ARTIFACTS)
 
-.PHONY: help setup lint all prepare tune serialize serve promote rollback gui space publish-space simulate monitor monitor-stop test benchmark bench-serve peers mlflow-ui clean
+.PHONY: help setup lint all prepare tune serialize serve promote rollback retrain retrain-watch gui space publish-space simulate monitor monitor-stop test benchmark bench-serve peers mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -57,6 +57,12 @@ promote: setup ## the challenger (or VERSION=...) becomes the champion; the old 
 
 rollback: setup ## the previous champion serves again (champion and previous swap)
 	$(PY) 03_serialize.py --config $(CONFIG) --artifacts $(ARTIFACTS) --rollback
+
+retrain: setup ## 06: one retraining on the labelled production rows within BUDGET; promoted only if the gate passes
+	$(PY) 06_retrain.py --config $(CONFIG) --artifacts $(ARTIFACTS) --budget $(BUDGET)
+
+retrain-watch: setup ## 06 --watch: retrain on each retrain="true" alert the API queues (one at a time, cooldown)
+	$(PY) 06_retrain.py --config $(CONFIG) --artifacts $(ARTIFACTS) --budget $(BUDGET) --watch
 
 gui: PORT = 7860
 gui: setup ## the Gradio GUI on http://127.0.0.1:PORT (7860), over ARTIFACTS/model (RAREML_API_URL: score via the API)

@@ -24,6 +24,20 @@ class ThresholdPolicy:
 
 
 @dataclass(frozen=True)
+class RetrainPolicy:
+    """How a retraining (06_retrain.py) uses the labelled production rows, and how its gate judges."""
+
+    min_new_labels: int = 200  # fewer labelled production rows than this: no retraining
+    window_days: float | None = None  # only production rows of the last so many days (None: all)
+    production_weight: float = 1.0  # weight of a production row against an original training row
+    gate_share: float = 0.3  # the most recent share of labelled production rows: the gate set
+    min_gate_positives: int = 20  # fewer positives in the gate set: no retraining (it could not judge)
+    margin: float = 0.0  # promote if the 95% lower bound of AP(challenger) - AP(champion) > -margin...
+    brier_tolerance: float = 0.01  # ...and the Brier score is no worse than the champion's by more
+    cooldown_seconds: float = 600.0  # the watcher starts no retraining sooner after the last one
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated dataset config; paths are absolute."""
 
@@ -45,6 +59,7 @@ class Config:
     seed: int = 42
     max_categories: int = 200
     threshold: ThresholdPolicy = field(default_factory=ThresholdPolicy)
+    retrain: RetrainPolicy = field(default_factory=RetrainPolicy)
 
     def folds_for(self, train_rows: int) -> int:
         """Stratified CV folds for tuning: as configured, else 5 (3 for large data, where each fold
@@ -72,10 +87,12 @@ class Config:
 _TYPES = {
     "name": str, "data": str, "target": str, "positive": (int, str, bool), "drop": list,
     "sensitive": list, "time": str, "weight": str, "test_data": str, "categorical": list, "numeric": list, "test_size": float,
-    "cv_folds": int, "cv_repeats": int, "seed": int, "max_categories": int, "threshold": dict,
+    "cv_folds": int, "cv_repeats": int, "seed": int, "max_categories": int, "threshold": dict, "retrain": dict,
 }
 _THRESHOLD_TYPES = {"metric": str, "beta": float, "min_precision": float, "min_recall": float,
                     "cost_fp": float, "cost_fn": float}
+_RETRAIN_TYPES = {"min_new_labels": int, "window_days": float, "production_weight": float, "gate_share": float,
+                  "min_gate_positives": int, "margin": float, "brier_tolerance": float, "cooldown_seconds": float}
 _REQUIRED = ("name", "data", "target", "positive")
 
 
@@ -106,6 +123,20 @@ def _threshold_policy(table: dict, where: str) -> ThresholdPolicy:
     return policy
 
 
+def _retrain_policy(table: dict, where: str) -> RetrainPolicy:
+    _check_types(table, _RETRAIN_TYPES, f"{where} [retrain]")
+    policy = RetrainPolicy(**{k: (float(v) if _RETRAIN_TYPES[k] is float else v) for k, v in table.items()})
+    checks = {"min_new_labels": policy.min_new_labels >= 1, "min_gate_positives": policy.min_gate_positives >= 1,
+              "window_days": policy.window_days is None or policy.window_days > 0,
+              "production_weight": policy.production_weight > 0, "gate_share": 0 < policy.gate_share < 1,
+              "margin": policy.margin >= 0, "brier_tolerance": policy.brier_tolerance >= 0,
+              "cooldown_seconds": policy.cooldown_seconds >= 0}
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise RareMLError(f"{where} [retrain]: {bad[0]} is out of range ({getattr(policy, bad[0])}): see configs/README.md")
+    return policy
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a dataset config; every problem names the key."""
     path = Path(path).resolve()
@@ -130,6 +161,7 @@ def load_config(path: str | Path) -> Config:
         test_size=float(table.get("test_size", 0.2)), cv_folds=table.get("cv_folds"), cv_repeats=table.get("cv_repeats"),
         seed=table.get("seed", 42), max_categories=table.get("max_categories", 200),
         threshold=_threshold_policy(table.get("threshold", {}), path.name),
+        retrain=_retrain_policy(table.get("retrain", {}), path.name),
     )
     if not 0 < config.test_size < 1:
         raise RareMLError(f"{path.name}: test_size must be between 0 and 1")

@@ -169,6 +169,32 @@ def evaluate(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 1000,
     return out
 
 
+def paired_difference(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, Estimate]:
+    """Two models' scores on the same rows: each one's average precision and Brier score, and the
+    differences b - a, with 95% intervals from one paired bootstrap (the same resampled rows for
+    both, so what the rows share cancels out of the difference)."""
+    y = np.asarray(y, float)
+    ya, pa, order_a = _sort(y, np.asarray(p_a, float))
+    yb, pb, order_b = _sort(y, np.asarray(p_b, float))
+
+    def both(w: np.ndarray) -> dict[str, float]:
+        wa, wb = w[order_a], w[order_b]
+        ap_a, ap_b = _ap_auc(*_cum_counts(ya, pa, wa))[0], _ap_auc(*_cum_counts(yb, pb, wb))[0]
+        brier_a, brier_b = brier(ya, pa, wa), brier(yb, pb, wb)
+        return {"average_precision_a": ap_a, "average_precision_b": ap_b, "average_precision_difference": ap_b - ap_a,
+                "brier_a": brier_a, "brier_b": brier_b, "brier_difference": brier_b - brier_a}
+
+    point = both(np.ones(len(y)))
+    rng = np.random.default_rng(seed)
+    draws = [both(np.bincount(rng.integers(0, len(y), len(y)), minlength=len(y)).astype(float)) for _ in range(n_boot)]
+    out = {}
+    for name, value in point.items():
+        low, high = np.nanpercentile([d[name] for d in draws], [2.5, 97.5]) if n_boot else (np.nan, np.nan)
+        out[name] = Estimate(value, float(low), float(high))
+    return out
+
+
 def no_skill(y: np.ndarray) -> dict[str, float]:
     """What a model that knows only the base rate scores: the floor every figure is read against."""
     rate = float(np.mean(y))

@@ -205,19 +205,21 @@ class Service:
         alerts = alert_payload(parse_json(body))
         try:
             self.store.add_alerts(alerts)
+            queued = self.store.queue_retrain(alerts)
         except LogUnavailable as exc:
             raise ApiError(503, "log_unavailable", f"the alerts were not recorded: {exc}") from None
         for alert in alerts:
             self.metrics.alerts.labels(alert["labels"]["alertname"], alert["status"]).inc()
             log.warning("alert %s %s: %s", alert["labels"]["alertname"], alert["status"],
                         alert.get("annotations", {}).get("summary", ""))
-        return {"recorded": len(alerts)}
+        return {"recorded": len(alerts), "retrains_queued": queued}
 
     def list_alerts(self, authorization: str, limit: str | None) -> dict:
         """GET /alerts: the latest alerts received."""
         self.authorize(authorization)
         try:
-            return {"alerts": self.store.alerts(query_int(limit, "limit", 100, high=1000))}
+            n = query_int(limit, "limit", 100, high=1000)
+            return {"alerts": self.store.alerts(n), "retrains": self.store.retrains(n)}
         except LogUnavailable as exc:
             raise ApiError(503, "log_unavailable", f"the alerts cannot be read: {exc}") from None
 

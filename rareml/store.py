@@ -68,6 +68,17 @@ CREATE TABLE IF NOT EXISTS alerts (
     labels TEXT NOT NULL,
     annotations TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS retrains (
+    seq INTEGER PRIMARY KEY,
+    alert_key TEXT NOT NULL UNIQUE,
+    alertname TEXT NOT NULL,
+    queued REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    outcome TEXT,
+    detail TEXT
+);
 CREATE TABLE IF NOT EXISTS feedback (
     seq INTEGER PRIMARY KEY,
     prediction_id TEXT NOT NULL UNIQUE,
@@ -498,6 +509,69 @@ class Store:
                       json.dumps(a["labels"]), json.dumps(a.get("annotations", {}))) for a in alerts])
         except (sqlite3.Error, OSError) as exc:
             raise self._unavailable("log", exc) from exc
+
+    # -- the retraining queue (06_retrain.py --watch) --------------------------------------------
+
+    def queue_retrain(self, alerts: list[dict]) -> int:
+        """Queue one retraining per firing alert labelled retrain="true", once per alert (its
+        fingerprint and start: Alertmanager repeats a notification); returns how many are new."""
+        wanted = [a for a in alerts if a["status"] == "firing" and a["labels"].get("retrain") == "true"]
+        if not wanted:
+            return 0
+        try:
+            with self._conn() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                before = conn.total_changes
+                conn.executemany("INSERT OR IGNORE INTO retrains (alert_key, alertname, queued) VALUES (?, ?, ?)",
+                                 [(f"{a.get('fingerprint') or a['labels']['alertname']}@{a.get('startsAt')}",
+                                   a["labels"]["alertname"], time.time()) for a in wanted])
+                return conn.total_changes - before
+        except (sqlite3.Error, OSError) as exc:
+            raise self._unavailable("log", exc) from exc
+
+    def claim_retrain(self, max_attempts: int = 2) -> list[int]:
+        """Every queued retraining, claimed at once (several alerts, one retraining); those begun
+        and never finished (the watcher stopped mid-way) are queued again, up to `max_attempts`."""
+        now = time.time()
+        try:
+            with self._conn() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("UPDATE retrains SET finished = ?, outcome = 'failed', detail = ? WHERE started IS NOT "
+                             "NULL AND finished IS NULL AND attempts >= ?",
+                             (now, json.dumps({"reason": "interrupted, and tried too often"}), max_attempts))
+                conn.execute("UPDATE retrains SET started = NULL WHERE started IS NOT NULL AND finished IS NULL")
+                seqs = [r[0] for r in conn.execute("SELECT seq FROM retrains WHERE finished IS NULL ORDER BY seq")]
+                conn.executemany("UPDATE retrains SET started = ?, attempts = attempts + 1 WHERE seq = ?",
+                                 [(now, s) for s in seqs])
+                return seqs
+        except (sqlite3.Error, OSError) as exc:
+            raise self._unavailable("log", exc) from exc
+
+    def finish_retrain(self, seqs: list[int], outcome: str, detail: dict) -> None:
+        """Record how the retraining of these queued alerts ended."""
+        try:
+            with self._conn() as conn:
+                conn.executemany("UPDATE retrains SET finished = ?, outcome = ?, detail = ? WHERE seq = ?",
+                                 [(time.time(), outcome, json.dumps(detail, default=str), s) for s in seqs])
+        except (sqlite3.Error, OSError) as exc:
+            raise self._unavailable("log", exc) from exc
+
+    def retrains(self, limit: int = 100) -> list[dict]:
+        """The latest retrainings asked for, newest first, with their outcome once finished."""
+        got = self._read("SELECT seq, alertname, alert_key, queued, started, finished, attempts, outcome, detail "
+                         "FROM retrains ORDER BY seq DESC LIMIT ?", (limit,))
+        names = ("id", "alertname", "alert", "queued", "started", "finished", "attempts", "outcome", "detail")
+        return [dict(zip(names, r[:8]), detail=json.loads(r[8]) if r[8] else None) for r in got]
+
+    def retrain_outcomes(self) -> dict[str, int]:
+        """How many retrainings ended each way ('queued' and 'running' for those that have not)."""
+        got = self._read("SELECT coalesce(outcome, CASE WHEN started IS NULL THEN 'queued' ELSE 'running' END), "
+                         "count(*) FROM retrains GROUP BY 1", ())
+        return dict(got)
+
+    def last_retrain_finished(self) -> float | None:
+        got = self._read("SELECT max(finished) FROM retrains WHERE outcome != 'not_enough_labels'", ())
+        return got[0][0]
 
     def alerts(self, limit: int = 100) -> list[dict]:
         got = self._read("SELECT received, status, alertname, fingerprint, starts_at, labels, annotations FROM "

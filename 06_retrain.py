@@ -1,0 +1,220 @@
+"""Stage 6: retrain on the labelled production rows, gate the challenger against the champion on the
+newest of them, and promote it only if it is better.
+
+One retraining (`make retrain`) runs the same stage code as `make all` (01_prepare, 02_tune,
+03_serialize, in this process) into artifacts/runs/<UTC time>/, within BUDGET seconds, on the
+champion's training rows plus the labelled production rows from the prediction log (the
+`[retrain]` policy of the config: rareml/retrain.py). The new model is registered as the
+challenger; the gate (paired bootstrap on the gate set) decides; the decision and its evidence go
+to runs/<time>/gate.json, to artifacts/gates/<challenger>.json (GET /model shows the champion's)
+and to MLflow tags on both registered versions. A promotion moves the champion alias, which every
+running API worker follows within seconds (hot swap). `--watch` (`make retrain-watch`) waits for
+retrain="true" alerts queued by POST /alerts and runs one retraining at a time, each in its own
+process with a deadline, with a cooldown; every outcome is recorded in the log (GET /alerts).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rareml import registry, retrain
+from rareml.artifacts import read_json, write_json
+from rareml.cli import run, stage_parser
+from rareml.config import Config, load_config
+from rareml.errors import RareMLError
+from rareml.model import load_model
+from rareml.store import Store
+
+log = logging.getLogger("06_retrain")
+HERE = Path(__file__).resolve().parent
+FAIRNESS_BOUND = 0.2  # the API's default (04_serve.py --fairness-bound)
+GATES = "gates"
+OVERRUN_S = 300.0  # the watcher stops a retraining this long past its budget (then: failed)
+
+
+def stage(name: str):
+    """A numbered stage script as a module (its `main(argv)` is what `make` runs; this script's
+    folder is on sys.path, as it is for every stage)."""
+    return importlib.import_module(name)
+
+
+def retrain_once(config: Config, root: Path, db: Path, budget: float, alert: dict | None = None,
+                 fairness_bound: float = FAIRNESS_BOUND, n_boot: int = 1000, use_mlflow: bool = True) -> dict:
+    """One retraining, end to end; returns its outcome (also in runs/<time>/outcome.json).
+    NotEnoughLabels when the policy finds too few labelled production rows (nothing trained)."""
+    started = time.time()
+    champion = registry.version_of(root, registry.CHAMPION)
+    if champion is None:
+        raise RareMLError(f"no champion in {root}: train one first (make all)")
+    old = load_model(registry.serving_dir(root))
+    labelled = Store(db, len(old.schema.features)).labelled_records()
+    production = retrain.production_rows(labelled, config.retrain, now=started)
+    run_dir = root / "runs" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_dir.mkdir(parents=True, exist_ok=False)
+    log.info("retraining in %s: %d labelled production rows to train on, %d in the gate set (%d skipped: "
+             "no record as sent); champion %s", run_dir, len(production.train), len(production.gate),
+             production.skipped, champion)
+    table, gate_table = retrain.retraining_tables(config, retrain.original_training_rows(config), production,
+                                                  config.retrain)
+    table.to_parquet(run_dir / "data.parquet")
+    gate_table.to_parquet(run_dir / "gate.parquet")
+    common = ["--config", str(config.path), "--artifacts", str(run_dir)]
+    stage("01_prepare").main([*common, "--data", str(run_dir / "data.parquet"),
+                              "--test-data", str(run_dir / "gate.parquet"), "--weight", retrain.WEIGHT_COLUMN])
+    tags = [f"retrain.alert={(alert or {}).get('alertname', 'manual')}", f"retrain.parent={champion}",
+            f"retrain.run={run_dir.name}"]
+    stage("02_tune").main([*common, "--time-budget", str(budget), "--started-at", str(started),
+                           *[a for t in tags for a in ("--tag", t)]])
+    stage("03_serialize").main([*common, "--registry", str(root)] + ([] if use_mlflow else ["--no-mlflow"]))
+    challenger = read_json(run_dir / "serialized.json")["model_version"]
+    new = load_model(root / registry.MODELS / challenger)  # verified: the published copy, not the run's folder
+    y = retrain.labels(production.gate)
+    records = [r["record"] for r in production.gate]
+    p_old, p_new = retrain.score(old, records), retrain.score(new, records)
+    decision = retrain.gate(y, p_old, p_new, (p_old >= old.threshold, p_new >= new.threshold),
+                            retrain.groups_of(records, new.schema.sensitive), config.retrain, fairness_bound,
+                            n_boot=n_boot, seed=config.seed)
+    decision |= {"champion": champion, "challenger": challenger, "alert": alert, "run": run_dir.name,
+                 "decided_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    write_json(run_dir / "gate.json", decision)
+    write_json(root / GATES / f"{challenger}.json", decision)
+    if decision["promote"]:
+        registry.promote(root, challenger)
+    outcome = {"outcome": "promoted" if decision["promote"] else "rejected", "champion": champion,
+               "challenger": challenger, "run": str(run_dir), "reasons": decision["reasons"],
+               "average_precision": decision["average_precision"], "seconds": round(time.time() - started, 1)}
+    if use_mlflow:
+        tag_versions(config.name, decision)
+    write_json(run_dir / "outcome.json", outcome)
+    ap = decision["average_precision"]
+    log.info("gate: challenger %s AP %.4f vs champion %s AP %.4f on %d rows (%d positive): difference %+.4f "
+             "[%+.4f, %+.4f]: %s", challenger, ap["challenger"]["value"], champion, ap["champion"]["value"],
+             decision["rows"], decision["positives"], ap["difference"]["value"], ap["difference"]["low"],
+             ap["difference"]["high"], "PROMOTED" if decision["promote"] else "rejected: " + "; ".join(decision["reasons"]))
+    return outcome
+
+
+def tag_versions(name: str, decision: dict) -> None:
+    """The gate's decision and evidence as tags of both registered versions (and the aliases moved)."""
+    import mlflow
+
+    from rareml.tracking import allow_file_store
+
+    allow_file_store()
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "mlruns"))
+    client = mlflow.MlflowClient()
+    try:
+        found = {v.tags.get("model_version"): v.version for v in client.search_model_versions(f"name='{name}'")}
+    except Exception as exc:  # noqa: BLE001 (no registry: the local gate.json is the record)
+        log.warning("cannot tag the gate's decision in MLflow: %s", exc)
+        return
+    ap = decision["average_precision"]
+    tags = {"gate.decision": "promoted" if decision["promote"] else "rejected",
+            "gate.reasons": "; ".join(decision["reasons"]) or "-", "gate.rows": str(decision["rows"]),
+            "gate.positives": str(decision["positives"]), "gate.run": decision["run"],
+            "gate.ap_difference": f"{ap['difference']['value']:.5f} [{ap['difference']['low']:.5f}, "
+                                  f"{ap['difference']['high']:.5f}]"}
+    for role in ("champion", "challenger"):
+        version = found.get(decision[role])
+        if version is None:
+            continue
+        mine = {"gate.role": role, "gate.ap": f"{ap[role]['value']:.5f} [{ap[role]['low']:.5f}, {ap[role]['high']:.5f}]"}
+        for key, value in (tags | mine).items():
+            client.set_model_version_tag(name, version, key, value)
+    if decision["promote"]:
+        registry.sync_mlflow(name, {registry.CHAMPION: decision["challenger"], registry.PREVIOUS: decision["champion"]})
+
+
+# -- the watcher ------------------------------------------------------------------------------
+
+def watch(args: argparse.Namespace, config: Config, db: Path) -> None:
+    """Run one retraining per batch of queued alerts, each in a child process with a deadline."""
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    store = Store(db, 1)
+    log.info("watching %s for retrain alerts every %.0f s (cooldown %.0f s, budget %.0f s)", db, args.poll,
+             config.retrain.cooldown_seconds, args.budget)
+    polls = 0
+    while not stop["now"] and (args.max_polls is None or polls < args.max_polls):
+        polls += 1
+        last = store.last_retrain_finished()
+        if last is None or time.time() - last >= config.retrain.cooldown_seconds:
+            seqs = store.claim_retrain()
+            if seqs:
+                outcome = run_child(args, seqs)
+                store.finish_retrain(seqs, outcome.pop("outcome"), outcome)
+                continue
+        time.sleep(args.poll)
+
+
+def run_child(args: argparse.Namespace, seqs: list[int]) -> dict:
+    """One retraining in its own process (a crash or a hang cannot take the watcher with it)."""
+    out = args.artifacts / "runs" / f"retrain-{seqs[0]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    command = [sys.executable, str(HERE / "06_retrain.py"), "--config", args.config, "--artifacts",
+               str(args.artifacts), "--db", str(args.db_path), "--budget", str(args.budget), "--outcome", str(out),
+               "--alert", json.dumps({"alertname": "watch", "queued": seqs}), "--fairness-bound",
+               str(args.fairness_bound)] + (["--no-mlflow"] if args.no_mlflow else [])
+    log.info("retraining for queued alert(s) %s", seqs)
+    try:
+        done = subprocess.run(command, timeout=args.budget + OVERRUN_S, check=False)
+    except subprocess.TimeoutExpired:
+        return {"outcome": "failed", "reason": f"ran past its budget ({args.budget:.0f} s + {OVERRUN_S:.0f} s): stopped"}
+    if out.exists():
+        return read_json(out)
+    return {"outcome": "failed", "reason": f"the retraining exited with status {done.returncode}"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--db", type=Path, help="the API's prediction log (default: ARTIFACTS/serving/predictions.db)")
+    parser.add_argument("--budget", type=float, default=600, help="seconds for one retraining (default 600)")
+    parser.add_argument("--alert", help="the alert that triggered it (JSON), recorded in the run and its tags")
+    parser.add_argument("--fairness-bound", type=float, default=FAIRNESS_BOUND,
+                        help="the widest group gap the gate accepts (the API's --fairness-bound)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples of the gate")
+    parser.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
+    parser.add_argument("--outcome", type=Path, help=argparse.SUPPRESS)  # where a watcher's child writes it
+    parser.add_argument("--watch", action="store_true", help="wait for retrain alerts and retrain on each")
+    parser.add_argument("--poll", type=float, default=10.0, help="seconds between looks at the queue (--watch)")
+    parser.add_argument("--max-polls", type=int, default=None, help=argparse.SUPPRESS)  # tests: a bounded watch
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    args.artifacts = args.artifacts.resolve()
+    args.db_path = (args.db or args.artifacts / "serving" / "predictions.db").resolve()
+    if args.watch:
+        watch(args, config, args.db_path)
+        return
+    alert = json.loads(args.alert) if args.alert else None
+    try:
+        outcome = retrain_once(config, args.artifacts, args.db_path, args.budget, alert, args.fairness_bound,
+                               args.bootstrap, not args.no_mlflow)
+    except retrain.NotEnoughLabels as exc:
+        outcome = {"outcome": "not_enough_labels", "reason": str(exc)}
+        log.info("no retraining: %s", exc)
+    except RareMLError as exc:
+        outcome = {"outcome": "failed", "reason": str(exc)}
+        if args.outcome:
+            write_json(args.outcome, outcome)
+        raise
+    if args.outcome:
+        write_json(args.outcome, outcome)
+    print(f"retraining:   {outcome['outcome']}" + (f" ({outcome['reason']})" if "reason" in outcome else ""))
+    if "challenger" in outcome:
+        print(f"challenger:   {outcome['challenger']} (champion {'now' if outcome['outcome'] == 'promoted' else 'still'} "
+              f"{outcome['challenger'] if outcome['outcome'] == 'promoted' else outcome['champion']})\n"
+              f"evidence:     {outcome['run']}/gate.json")
+
+
+if __name__ == "__main__":
+    run(main)
