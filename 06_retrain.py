@@ -37,7 +37,6 @@ from rareml.store import Store
 log = logging.getLogger("06_retrain")
 HERE = Path(__file__).resolve().parent
 FAIRNESS_BOUND = 0.2  # the API's default (04_serve.py --fairness-bound)
-GATES = "gates"
 OVERRUN_S = 300.0  # the watcher stops a retraining this long past its budget (then: failed)
 
 
@@ -86,7 +85,7 @@ def retrain_once(config: Config, root: Path, db: Path, budget: float, alert: dic
     decision |= {"champion": champion, "challenger": challenger, "alert": alert, "run": run_dir.name,
                  "decided_at": datetime.now(UTC).isoformat(timespec="seconds")}
     write_json(run_dir / "gate.json", decision)
-    write_json(root / GATES / f"{challenger}.json", decision)
+    write_json(root / registry.GATES / f"{challenger}.json", decision)
     if decision["promote"]:
         registry.promote(root, challenger)
     outcome = {"outcome": "promoted" if decision["promote"] else "rejected", "champion": champion,

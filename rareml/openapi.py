@@ -232,8 +232,11 @@ def _model_card(feature_names: dict) -> dict:
                                                   "additionalProperties": NUMBER},
             "target": STRING, "positive": {"description": "The target value counted as positive."},
             "sensitive": {"type": "array", "items": STRING}, "ignored": {"type": "array", "items": STRING},
-            "max_batch": {"type": "integer"}, "features": {"type": "array", "items": feature}}
-    return _object(card, [k for k in card if k != "ignored"], description="What is served, how good it is, "
+            "max_batch": {"type": "integer"}, "features": {"type": "array", "items": feature},
+            "lineage": {"type": ["object", "null"], "description": "Parent champion, training window, data fingerprint."},
+            "gate": {"type": ["object", "null"], "description": "The gate's decision and evidence that promoted this "
+                                                                "model (06_retrain.py); null for one promoted by hand."}}
+    return _object(card, [k for k in card if k not in ("ignored", "lineage", "gate")], description="What is served, how good it is, "
                                                                           "what it expects.")
 
 
@@ -252,8 +255,17 @@ def _alert_schemas() -> dict:
     stored = _object({"received": {"type": "number", "description": "Unix time, seconds."}, "status": status,
                       "alertname": STRING, "fingerprint": {"type": ["string", "null"]},
                       "startsAt": {"type": ["string", "null"]}, "labels": STRING_MAP, "annotations": {"type": "object"}})
-    return {"Alert": alert, "AlertmanagerWebhook": webhook, "AlertsRecorded": _object({"recorded": {"type": "integer"}}),
-            "AlertList": _object({"alerts": {"type": "array", "items": stored, "description": "Latest first."}})}
+    retrain = _object({"id": {"type": "integer"}, "alertname": STRING, "alert": STRING, "queued": NUMBER,
+                       "started": {"type": ["number", "null"]}, "finished": {"type": ["number", "null"]},
+                       "attempts": {"type": "integer"},
+                       "outcome": {"enum": ["promoted", "rejected", "not_enough_labels", "failed", None]},
+                       "detail": {"type": ["object", "null"]}}, description="A retraining asked for by a "
+                      "retrain=\"true\" alert (06_retrain.py --watch runs it), and how it ended.")
+    recorded = _object({"recorded": {"type": "integer"}, "retrains_queued": {
+        "type": "integer", "description": "Firing retrain=\"true\" alerts new to the queue (a repeat is not)."}})
+    return {"Alert": alert, "AlertmanagerWebhook": webhook, "AlertsRecorded": recorded,
+            "AlertList": _object({"alerts": {"type": "array", "items": stored, "description": "Latest first."},
+                                  "retrains": {"type": "array", "items": retrain, "description": "Latest first."}})}
 
 
 def _error_response(status: int, text: str, reasons: str) -> dict:

@@ -8,6 +8,7 @@ aliases are moved the same way, so `models:/NAME@champion` names the same model.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 ALIASES = (CHAMPION, CHALLENGER, PREVIOUS)
 MODELS = "models"
+GATES = "gates"  # <version>.json: the gate's decision and evidence on that version (06_retrain.py)
 _VERSION = re.compile(r"[0-9a-f]{12}")  # content_version: 12 hex digits
 
 
@@ -29,6 +31,19 @@ def version_of(root: Path, alias: str) -> str | None:
     """The model version an alias points to under the artifacts folder `root`, or None."""
     link = _link(root, alias)
     return Path(os.readlink(link)).name if link.is_symlink() else None
+
+
+def gate_of(model_dir: Path) -> dict | None:
+    """The gate's decision on the model in `models/<version>` (written by 06_retrain.py), if any."""
+    folder = Path(model_dir).resolve()
+    path = folder.parent.parent / GATES / f"{folder.name}.json"
+    if folder.parent.name != MODELS or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # the evidence is unreadable, not the model
+        log.warning("cannot read the gate's decision %s: %s", path.name, exc)
+        return None
 
 
 def _link(root: Path, alias: str) -> Path:

@@ -164,7 +164,8 @@ def gate(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, decisions:
     fairness = {}
     for attribute, values in groups.items():
         old, new = group_gaps(y, decisions[0], values), group_gaps(y, decisions[1], values)
-        fairness[attribute] = {"champion": old, "challenger": new}
+        fairness[attribute] = {role: {k: None if math.isnan(v) else v for k, v in gaps.items()}  # JSON: no NaN
+                               for role, gaps in (("champion", old), ("challenger", new))}
         for kind, gap in new.items():
             if gap > fairness_bound and not gap <= old[kind]:
                 reasons.append(f"{attribute}: {kind.replace('_', ' ')} gap {gap:.3f} above the bound "

@@ -59,6 +59,7 @@ class Served:
     encoder: RecordEncoder
     threshold: float
     version: str
+    gate: dict | None = None  # the gate's decision that made it the champion (registry.gate_of)
 
     @classmethod
     def load(cls, model_dir: str | Path, threads: int | None = None) -> Served:
@@ -68,7 +69,7 @@ class Served:
         model.compile()
         if threads:
             model.booster.set_param({"nthread": threads})
-        return cls(model, model.encoder, model.threshold, model.version)
+        return cls(model, model.encoder, model.threshold, model.version, registry.gate_of(model_dir))
 
 
 def parse_json(raw: bytes) -> object:
@@ -253,7 +254,8 @@ class Service:
                 "calibration": m["calibration"]["method"], "importance": m["importance"],
                 "target": model.schema.target, "positive": model.schema.positive,
                 "sensitive": list(model.schema.sensitive), "ignored": list(getattr(model.schema, "ignored", ())),
-                "max_batch": self.max_batch, "features": model.schema.to_dict()["features"]}
+                "max_batch": self.max_batch, "features": model.schema.to_dict()["features"],
+                "lineage": m.get("lineage"), "gate": served.gate}
 
     def exposition(self) -> bytes:
         """GET /metrics: always an answer. The window gauges are recomputed at most every
@@ -280,6 +282,8 @@ class Service:
             self.metrics.update(monitoring.signals(model.schema, model.manifest["reference"],
                                                    self.store.window(served.version, self.window),
                                                    self.store.labeled(served.version, self.window)))
+            for outcome, n in self.store.retrain_outcomes().items():
+                self.metrics.retrains.labels(outcome).set(n)
             self._refreshed = time.monotonic()
 
     def update_log_status(self, force: bool = False) -> None:

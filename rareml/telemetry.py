@@ -75,6 +75,9 @@ class Metrics:
                              "rate between groups (labeled window)", ["attribute"], **latest)
         self.alerts = Counter("rareml_alerts_received", "Alerts received on the /alerts webhook",
                               ["alertname", "status"], **reg)
+        self.retrains = Gauge("rareml_retrains", "Retrainings asked for by retrain=\"true\" alerts, by outcome (queued, "
+                              "running, promoted, rejected, not_enough_labels, failed), from the log", ["outcome"],
+                              **latest)
         self.refreshed = Gauge("rareml_monitor_refresh_timestamp_seconds", "When the window gauges were computed",
                                **latest)
         self.refresh_failures = Counter("rareml_monitor_refresh_failures", "Scrapes whose window gauges could not "

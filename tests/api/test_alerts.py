@@ -31,7 +31,7 @@ def webhook(make_app):
 def test_alerts_are_recorded_counted_and_listed(webhook):
     sent = payload(alert(), alert("RareMLLiveRecallLow", feature="age"), alert(status="resolved"))
     response = webhook.post("/alerts", json=sent, headers=AUTH)
-    assert response.status_code == 200 and response.get_json() == {"recorded": 3}
+    assert response.status_code == 200 and response.get_json() == {"recorded": 3, "retrains_queued": 0}
     listed = webhook.get("/alerts", headers=AUTH).get_json()["alerts"]
     assert [(a["alertname"], a["status"]) for a in listed] == [
         ("RareMLDataDrift", "resolved"), ("RareMLLiveRecallLow", "firing"), ("RareMLDataDrift", "firing")]
@@ -74,3 +74,18 @@ def test_a_bad_payload_names_the_field_and_records_nothing(webhook, body, field)
     response = webhook.post("/alerts", json=body, headers=AUTH)
     assert response.status_code == 422 and response.get_json()["field"] == field
     assert webhook.get("/alerts", headers=AUTH).get_json()["alerts"] == []
+
+
+def test_firing_retrain_alerts_are_queued_once_each_and_listed(webhook):
+    drift = alert(retrain="true")
+    sent = payload(drift, alert("RareMLHighLatency"), alert(status="resolved", retrain="true"))
+    assert webhook.post("/alerts", json=sent, headers=AUTH).get_json() == {"recorded": 3, "retrains_queued": 1}
+    # Alertmanager repeats a notification: same fingerprint and start, nothing new to do
+    assert webhook.post("/alerts", json=payload(drift), headers=AUTH).get_json()["retrains_queued"] == 0
+    again = drift | {"startsAt": "2026-11-27T09:00:00Z"}  # the same alert firing anew: a new retraining
+    assert webhook.post("/alerts", json=payload(again), headers=AUTH).get_json()["retrains_queued"] == 1
+    retrains = webhook.get("/alerts", headers=AUTH).get_json()["retrains"]
+    assert [(r["alertname"], r["alert"], r["outcome"], r["started"]) for r in retrains] == [
+        ("RareMLDataDrift", "abc123@2026-11-27T09:00:00Z", None, None),
+        ("RareMLDataDrift", "abc123@2026-11-26T16:00:00Z", None, None)]
+    assert scrape(webhook)[("rareml_retrains", (("outcome", "queued"),))] == 2

@@ -98,6 +98,9 @@ def test_a_better_challenger_passes_the_gate_and_becomes_the_champion(trained, c
     assert sorted(train["_weight"].unique().tolist()) == [1.0, 5.0]
     manifest = load_model(root / "models" / new).manifest
     assert manifest["lineage"]["parent"] == champion
+    card = importlib.import_module("04_serve").create_app(registry.serving_dir(root), tmp_path / "other.db",
+                                                          refresh=3600).test_client().get("/model").get_json()
+    assert card["model_version"] == new and card["gate"] == gate and card["lineage"]["parent"] == champion
     # MLflow: the run tagged with the alert, both versions with the gate's decision, the aliases moved
     import mlflow
 
@@ -130,3 +133,19 @@ def test_too_few_labels_train_nothing_and_say_why(trained, census_small, product
     assert outcome["reason"] == "120 labelled production rows, fewer than min_new_labels = 200"
     assert not (work / "artifacts" / "runs").exists()
     assert Store(work / "artifacts" / "serving" / "predictions.db", 1).counts()["feedback"] == 120
+
+
+def test_the_watcher_runs_each_queued_alert_once_and_records_the_outcome(trained, census_small, production, tmp_path):
+    work = seeded(trained, tmp_path, production.head(50))
+    db = work / "artifacts" / "serving" / "predictions.db"
+    store = Store(db, 1)
+    fire = {"status": "firing", "labels": {"alertname": "RareMLDataDrift", "retrain": "true"}, "fingerprint": "f1",
+            "startsAt": "2026-12-02T00:00:00Z"}
+    assert store.queue_retrain([fire, fire | {"fingerprint": "f2"}]) == 2
+    config = config_with(census_small, tmp_path, "cooldown_seconds = 0\n")
+    run_stage("06_retrain.py", "--config", str(config), "--artifacts", str(work / "artifacts"), "--watch",
+              "--poll", "0.2", "--max-polls", "3", "--no-mlflow", cwd=work, timeout=300)
+    retrains = store.retrains()
+    assert [r["outcome"] for r in retrains] == ["not_enough_labels"] * 2  # two alerts, one retraining
+    assert retrains[0]["detail"]["reason"].startswith("50 labelled production rows, fewer than min_new_labels")
+    assert retrains[0]["started"] == retrains[1]["started"] and retrains[0]["attempts"] == 1
