@@ -30,6 +30,7 @@ from rareml import openapi, registry
 from rareml.cli import run
 from rareml.errors import InputError, RareMLError
 from rareml.model import verify_model_dir
+from rareml.monitoring import FAIRNESS_BOUND
 from rareml.service import INTERNAL_ERROR, ApiError, Follower, Served, Service, query_int
 from rareml.store import Store
 from rareml.telemetry import Metrics
@@ -37,7 +38,6 @@ from rareml.telemetry import Metrics
 log = logging.getLogger("04_serve")
 MAX_BATCH = 5000  # records per /predict/batch; more is a 413
 MAX_BODY = 16 * 2**20  # bytes per request body; more is a 413
-FAIRNESS_BOUND = 0.2  # largest selection-rate or true-positive-rate gap between groups before the alert
 WINDOW = 1000  # recent predictions (and recent labels) behind the drift, fairness and live gauges
 JSON_HEADERS = [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")]
 

@@ -32,11 +32,11 @@ from rareml.cli import run, stage_parser
 from rareml.config import Config, load_config
 from rareml.errors import RareMLError
 from rareml.model import load_model
+from rareml.monitoring import FAIRNESS_BOUND
 from rareml.store import Store
 
 log = logging.getLogger("06_retrain")
 HERE = Path(__file__).resolve().parent
-FAIRNESS_BOUND = 0.2  # the API's default (04_serve.py --fairness-bound)
 OVERRUN_S = 300.0  # the watcher stops a retraining this long past its budget (then: failed)
 
 

@@ -18,6 +18,7 @@ from rareml.store import Labeled, Window
 
 RARE_LEVEL = 0.01  # levels rarer than this in training share one bin with unseen levels: less noise
 MIN_SHARE = 1e-4  # floor for empty bins, so that PSI stays finite
+FAIRNESS_BOUND = 0.2  # largest selection-rate or true-positive-rate gap between groups: the alert's, the gate's
 MIN_GROUP = 20  # predictions a group needs before its selection rate counts
 MIN_GROUP_POSITIVES = 10  # labeled positives a group needs before its true-positive rate counts
 
