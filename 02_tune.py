@@ -8,7 +8,6 @@ child run under one parent run. Writes artifacts/tuned.json and artifacts/oof.pa
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -273,7 +272,6 @@ def main(argv: list[str] | None = None) -> None:
         study.enqueue_trial(start)
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "mlruns"))
     uri = setup_mlflow(config.name)
     with mlflow.start_run(run_name=run_name(config.name, "tune")) as parent:
         mlflow.log_params({"config": config.path.name, "cv_folds": k, "cv_repeats": repeats, "seed": config.seed,

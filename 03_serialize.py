@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 import warnings
@@ -95,7 +94,6 @@ def log_to_mlflow(config: Config, tuned: dict, layout: Layout, manifest: dict, p
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "mlruns"))
     uri = setup_mlflow(config.name)
     warnings.filterwarnings("ignore", module="mlflow")
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # "no signature": on purpose, see above
@@ -243,7 +241,8 @@ def move_aliases(root: Path, version: str | None, back: bool, mlflow_too: bool) 
         print(f"{moved['champion']} is already the champion: nothing changed")
         return
     name = read_json(root / registry.MODELS / moved["champion"] / MANIFEST_FILE)["name"]
-    in_mlflow = registry.sync_mlflow(name, {registry.CHAMPION: moved["champion"], registry.PREVIOUS: moved["previous"]})
+    moves = {registry.CHAMPION: moved["champion"], registry.PREVIOUS: moved["previous"]}
+    in_mlflow = registry.sync_mlflow(name, moves) if mlflow_too else {}
     print(f"champion:     {moved['champion']} (was {moved['previous']}, now the alias previous)\n"
           f"serving:      a running API swaps to it within seconds; one started now serves it"
           + (f"\nMLflow:       {name} champion = v{in_mlflow['champion']}" if "champion" in in_mlflow else ""))

@@ -205,14 +205,14 @@ def create_app(settings: Settings | str | Path = Settings(), db: str | Path | No
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.extensions["rareml"] = svc
     for blueprint in (predict, feedback, alerts, operations,
-                      openapi.blueprint(lambda: openapi.document(svc.served.model, max_batch=svc.max_batch))):
+                      openapi.blueprint(lambda: svc.served,
+                                        lambda served: openapi.document(served.model, max_batch=svc.max_batch))):
         app.register_blueprint(blueprint)
     _hooks(app, svc)
     if settings.fast_path:
         app.wsgi_app = fast_predict(app.wsgi_app, svc)
     if settings.follow and settings.reload_seconds > 0:
-        app.extensions["rareml-follower"] = Follower(svc, settings.follow, settings.reload_seconds,
-                                                     settings.threads).start()
+        Follower(svc, settings.follow, settings.reload_seconds, settings.threads).start()
     return app
 
 

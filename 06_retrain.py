@@ -18,7 +18,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -40,12 +39,6 @@ HERE = Path(__file__).resolve().parent
 OVERRUN_S = 300.0  # the watcher stops a retraining this long past its budget (then: failed)
 
 
-def stage(name: str):
-    """A numbered stage script as a module (its `main(argv)` is what `make` runs; this script's
-    folder is on sys.path, as it is for every stage)."""
-    return importlib.import_module(name)
-
-
 def retrain_once(config: Config, root: Path, db: Path, budget: float, alert: dict | None = None,
                  fairness_bound: float = FAIRNESS_BOUND, n_boot: int = 1000, use_mlflow: bool = True) -> dict:
     """One retraining, end to end; returns its outcome (also in runs/<time>/outcome.json).
@@ -62,23 +55,23 @@ def retrain_once(config: Config, root: Path, db: Path, budget: float, alert: dic
     log.info("retraining in %s: %d labelled production rows to train on, %d in the gate set (%d skipped: "
              "no record as sent); champion %s", run_dir, len(production.train), len(production.gate),
              production.skipped, champion)
-    table, gate_table = retrain.retraining_tables(config, retrain.original_training_rows(config), production,
-                                                  config.retrain)
+    table, gate_table = retrain.retraining_tables(config, retrain.original_training_rows(config), production)
     table.to_parquet(run_dir / "data.parquet")
     gate_table.to_parquet(run_dir / "gate.parquet")
     common = ["--config", str(config.path), "--artifacts", str(run_dir)]
-    stage("01_prepare").main([*common, "--data", str(run_dir / "data.parquet"),
-                              "--test-data", str(run_dir / "gate.parquet"), "--weight", retrain.WEIGHT_COLUMN])
+    # the stages' own main(argv), as make runs them (this script's folder is on sys.path, as for every stage)
+    importlib.import_module("01_prepare").main([*common, "--data", str(run_dir / "data.parquet"),
+                              "--test-data", str(run_dir / "gate.parquet"), "--weight", retrain.weight_column(config)])
     tags = [f"retrain.alert={(alert or {}).get('alertname', 'manual')}", f"retrain.parent={champion}",
             f"retrain.run={run_dir.name}"]
-    stage("02_tune").main([*common, "--time-budget", str(budget), "--started-at", str(started),
+    importlib.import_module("02_tune").main([*common, "--time-budget", str(budget), "--started-at", str(started),
                            *[a for t in tags for a in ("--tag", t)]])
-    stage("03_serialize").main([*common, "--registry", str(root)] + ([] if use_mlflow else ["--no-mlflow"]))
+    importlib.import_module("03_serialize").main([*common, "--registry", str(root)] + ([] if use_mlflow else ["--no-mlflow"]))
     challenger = read_json(run_dir / "serialized.json")["model_version"]
     new = load_model(root / registry.MODELS / challenger)  # verified: the published copy, not the run's folder
     y = retrain.labels(production.gate)
     records = [r["record"] for r in production.gate]
-    p_old, p_new = retrain.score(old, records), retrain.score(new, records)
+    p_old, p_new = old.predict_proba(records), new.predict_proba(records)  # as the API scores them
     decision = retrain.gate(y, p_old, p_new, (p_old >= old.threshold, p_new >= new.threshold),
                             retrain.groups_of(records, new.schema.sensitive), config.retrain, fairness_bound,
                             n_boot=n_boot, seed=config.seed)
@@ -104,18 +97,10 @@ def retrain_once(config: Config, root: Path, db: Path, budget: float, alert: dic
 
 def tag_versions(name: str, decision: dict) -> None:
     """The gate's decision and evidence as tags of both registered versions (and the aliases moved)."""
-    import mlflow
-
-    from rareml.tracking import allow_file_store
-
-    allow_file_store()
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "mlruns"))
-    client = mlflow.MlflowClient()
-    try:
-        found = {v.tags.get("model_version"): v.version for v in client.search_model_versions(f"name='{name}'")}
-    except Exception as exc:  # noqa: BLE001 (no registry: the local gate.json is the record)
-        log.warning("cannot tag the gate's decision in MLflow: %s", exc)
+    registered = registry.mlflow_versions(name)
+    if registered is None:  # the local gate.json is the record
         return
+    client, found = registered
     ap = decision["average_precision"]
     tags = {"gate.decision": "promoted" if decision["promote"] else "rejected",
             "gate.reasons": "; ".join(decision["reasons"]) or "-", "gate.rows": str(decision["rows"]),
@@ -147,24 +132,26 @@ def watch(args: argparse.Namespace, config: Config, db: Path) -> None:
         polls += 1
         last = store.last_retrain_finished()
         if last is None or time.time() - last >= config.retrain.cooldown_seconds:
-            seqs = store.claim_retrain()
-            if seqs:
-                outcome = run_child(args, seqs)
-                store.finish_retrain(seqs, outcome.pop("outcome"), outcome)
+            claimed = store.claim_retrain()
+            if claimed:
+                outcome = run_child(args, claimed)
+                store.finish_retrain([c["id"] for c in claimed], outcome.pop("outcome"), outcome)
                 continue
         time.sleep(args.poll)
 
 
-def run_child(args: argparse.Namespace, seqs: list[int]) -> dict:
-    """One retraining in its own process (a crash or a hang cannot take the watcher with it)."""
-    out = args.artifacts / "runs" / f"retrain-{seqs[0]}.json"
+def run_child(args: argparse.Namespace, claimed: list[dict]) -> dict:
+    """One retraining for the claimed alerts, in its own process (a crash or a hang cannot take the
+    watcher with it)."""
+    out = args.artifacts / "runs" / f"retrain-{claimed[0]['id']}.json"
+    alert = {"alertname": ", ".join(sorted({c["alertname"] for c in claimed})), "alerts": [c["alert"] for c in claimed]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     command = [sys.executable, str(HERE / "06_retrain.py"), "--config", args.config, "--artifacts",
                str(args.artifacts), "--db", str(args.db_path), "--budget", str(args.budget), "--outcome", str(out),
-               "--alert", json.dumps({"alertname": "watch", "queued": seqs}), "--fairness-bound",
+               "--alert", json.dumps(alert), "--fairness-bound",
                str(args.fairness_bound)] + (["--no-mlflow"] if args.no_mlflow else [])
-    log.info("retraining for queued alert(s) %s", seqs)
+    log.info("retraining for %s", ", ".join(alert["alerts"]))
     try:
         done = subprocess.run(command, timeout=args.budget + OVERRUN_S, check=False)
     except subprocess.TimeoutExpired:
@@ -194,12 +181,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.watch:
         watch(args, config, args.db_path)
         return
-    alert = json.loads(args.alert) if args.alert else None
+    try:
+        alert = json.loads(args.alert) if args.alert else None
+    except json.JSONDecodeError as exc:
+        raise RareMLError(f"--alert is not JSON: {exc}") from None
     try:
         outcome = retrain_once(config, args.artifacts, args.db_path, args.budget, alert, args.fairness_bound,
                                args.bootstrap, not args.no_mlflow)
     except retrain.NotEnoughLabels as exc:
-        outcome = {"outcome": "not_enough_labels", "reason": str(exc)}
+        outcome = {"outcome": "not_enough_labels", "reason": str(exc), "alert": alert}
         log.info("no retraining: %s", exc)
     except RareMLError as exc:
         outcome = {"outcome": "failed", "reason": str(exc)}

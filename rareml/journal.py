@@ -51,7 +51,7 @@ def encode(key: str, ts: float, version: str, n: int, probability: bytes, decisi
     return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def decode(data: bytes, head: struct.Struct = _ROW) -> tuple:
+def decode(data: bytes, head: struct.Struct) -> tuple:
     """The row (key, ts, version, n, probability, decision, x, extras, raw) of a record's payload,
     written with row header `head` (the segment's format)."""
     key, ts, n, nv, ne, *nr = head.unpack_from(data)
@@ -331,11 +331,11 @@ def find(root: Path, key: str) -> tuple | None:
                 data = path.read_bytes()
             except OSError:
                 continue
-            at = data.find(needle)
+            head = _FORMATS.get(data[:len(MAGIC)])
+            at = data.find(needle) if head else -1
             while at >= len(MAGIC) + _HEAD.size:  # a payload starts with its key
                 size, crc = _HEAD.unpack_from(data, at - _HEAD.size)
-                head = _FORMATS.get(data[:len(MAGIC)])
-                if head and at + size <= len(data) and zlib.crc32(data[at:at + size]) == crc:
+                if at + size <= len(data) and zlib.crc32(data[at:at + size]) == crc:
                     return decode(data[at:at + size], head)
                 at = data.find(needle, at + 1)
     return None

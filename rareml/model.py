@@ -152,6 +152,7 @@ class Model:
 
     # The serving path: rows encoded by `encoder` (rareml.features.RecordEncoder.model_rows).
     SMALL = 32  # up to this many rows the compiled trees beat XGBoost's per-call overhead
+    ONE_ROW_CHECKS = 5  # saved examples also checked one at a time (the one-row walk) at load
 
     @cached_property
     def encoder(self) -> RecordEncoder:
@@ -170,8 +171,10 @@ class Model:
         if not examples:
             return
         rows = self.encoder.model_rows(self.encoder.encode_many(examples)[0])
-        compiled = ensemble.predict(rows)
         expected = self.booster.inplace_predict(rows, iteration_range=(0, _n_trees(self.booster)))
+        # the many-row walk, and the one-row walk POST /predict takes, on a few rows
+        compiled = np.r_[ensemble.predict(rows), [ensemble.predict(row[None])[0] for row in rows[:self.ONE_ROW_CHECKS]]]
+        expected = np.r_[expected, expected[:self.ONE_ROW_CHECKS]]
         if not np.allclose(compiled, expected, rtol=1e-5, atol=1e-7):
             raise RareMLError(f"{self.folder}: the compiled trees disagree with XGBoost on the saved examples "
                               f"(largest difference {np.max(np.abs(compiled - expected)):.3g})")

@@ -387,19 +387,21 @@ def assets_dir() -> Path:
     return folder
 
 
-def blueprint(get_document: Callable[[], dict]) -> Blueprint:
-    """GET /openapi.json (the document `get_document` returns; its JSON is cached while the same
-    object comes back, so a model swap that builds a new document shows at once) and GET /docs."""
+def blueprint(source: Callable[[], object], build: Callable[[object], dict] = lambda doc: doc) -> Blueprint:
+    """GET /openapi.json (the document `build` makes of what `source` returns, e.g. the served
+    model; made and serialized once while the same object comes back, so a model swap shows at once)
+    and GET /docs."""
     folder, cache = assets_dir(), {}
     bp = Blueprint("openapi", __name__)
 
     def current() -> tuple[dict, bytes, str]:
-        doc = get_document()
+        key = source()
         entry = cache.get("entry")
-        if entry is None or entry[0] is not doc:
+        if entry is None or entry[0] is not key:
+            doc = build(key)
             body = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-            entry = cache["entry"] = (doc, body, hashlib.sha256(body).hexdigest()[:32])
-        return entry
+            entry = cache["entry"] = (key, doc, body, hashlib.sha256(body).hexdigest()[:32])
+        return entry[1:]
 
     @bp.get("/openapi.json")
     def openapi_json():

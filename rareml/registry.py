@@ -136,22 +136,31 @@ def rollback(root: Path) -> dict:
     return promote(root, previous)
 
 
+def mlflow_versions(name: str) -> tuple[object, dict[str, str]] | None:
+    """(an MLflow client, {model version: its MLflow version}) for the registered model `name`, at
+    MLFLOW_TRACKING_URI or ./mlruns as for the stages; None (and a warning) if the registry cannot
+    be read: the local aliases and files are what serves."""
+    import mlflow
+
+    from rareml.tracking import use_tracking_store
+
+    use_tracking_store()
+    client = mlflow.MlflowClient()
+    try:
+        return client, {v.tags.get("model_version"): v.version for v in client.search_model_versions(f"name='{name}'")}
+    except Exception as exc:  # noqa: BLE001 (no registry here)
+        log.warning("cannot read MLflow's registry for %s: %s", name, exc)
+        return None
+
+
 def sync_mlflow(name: str, versions: dict[str, str | None]) -> dict[str, str]:
     """Move the MLflow registered-model aliases of `name` to the MLflow versions tagged with these
     model versions ({alias: model_version}); returns {alias: MLflow version} for those moved. The
     tracking store is MLFLOW_TRACKING_URI or ./mlruns, as for the stages."""
-    import mlflow
-
-    from rareml.tracking import allow_file_store
-
-    allow_file_store()
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "mlruns"))
-    client = mlflow.MlflowClient()
-    try:
-        found = {v.tags.get("model_version"): v.version for v in client.search_model_versions(f"name='{name}'")}
-    except Exception as exc:  # noqa: BLE001 (no registry here: the local aliases are what serves)
-        log.warning("cannot read MLflow's registry for %s: %s", name, exc)
+    registered = mlflow_versions(name)
+    if registered is None:
         return {}
+    client, found = registered
     moved = {}
     for alias, version in versions.items():
         if version in found:

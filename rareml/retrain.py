@@ -26,11 +26,10 @@ from rareml import metrics
 from rareml.config import Config, RetrainPolicy
 from rareml.data import TEST_FLAG, load_tables, prepare, split
 from rareml.errors import RareMLError
-from rareml.features import level_of
-from rareml.model import Model
+from rareml.features import category_strings, level_of
 from rareml.monitoring import MIN_GROUP, MIN_GROUP_POSITIVES
 
-WEIGHT_COLUMN = "rareml_retrain_weight"  # the weight column of a retraining's table (config `weight`)
+WEIGHT_COLUMN = "rareml_retrain_weight"  # a retraining table's weights, when the config names no `weight`
 
 
 class NotEnoughLabels(RareMLError):
@@ -95,19 +94,26 @@ def negative_value(original: pd.DataFrame, config: Config) -> object:
     return others[0]
 
 
-def retraining_tables(config: Config, original: pd.DataFrame, production: Production,
-                      policy: RetrainPolicy) -> tuple[pd.DataFrame, pd.DataFrame]:
+def weight_column(config: Config) -> str:
+    """The column of a retraining table's row weights: the config's own, else WEIGHT_COLUMN."""
+    return config.weight or WEIGHT_COLUMN
+
+
+def retraining_tables(config: Config, original: pd.DataFrame, production: Production) -> tuple[pd.DataFrame,
+                                                                                                 pd.DataFrame]:
     """(training table, gate table), with the same columns and types, ready to write: the original
-    rows and the production ones with their weights in WEIGHT_COLUMN (the gate's all 1)."""
-    columns = [c for c in original.columns if c != WEIGHT_COLUMN]
+    rows with their weights (the config's, else 1) and the production ones with `production_weight`
+    times their mean, in `weight_column` (the gate's all 1)."""
+    weight = weight_column(config)
+    columns = [c for c in original.columns if c != weight]
     negative = negative_value(original, config)
     new = production_table(production.train, columns, config, negative)
     gate = production_table(production.gate, columns, config, negative)
-    base = original[config.weight].astype(float) if config.weight else pd.Series(1.0, index=original.index)
-    table = pd.concat([original[columns].assign(**{WEIGHT_COLUMN: base.to_numpy()}),
-                       new.assign(**{WEIGHT_COLUMN: policy.production_weight * float(base.mean())})],
+    base = original[weight].astype(float) if config.weight else pd.Series(1.0, index=original.index)
+    table = pd.concat([original[columns].assign(**{weight: base.to_numpy()}),
+                       new.assign(**{weight: config.retrain.production_weight * float(base.mean())})],
                       ignore_index=True)
-    gate = gate.assign(**{WEIGHT_COLUMN: 1.0})
+    gate = gate.assign(**{weight: 1.0})
     for col in columns:  # one type per column, whatever JSON gave (Parquet holds one)
         numeric = pd.api.types.is_numeric_dtype(original[col]) and col not in config.categorical
         table[col], gate[col] = _one_type(table[col], gate[col], numeric=numeric)
@@ -121,15 +127,10 @@ def _one_type(*parts: pd.Series, numeric: bool) -> list[pd.Series]:
         as_numbers = [pd.to_numeric(p, errors="coerce") for p in parts]
         if all(((n.notna()) | p.isna()).all() for n, p in zip(as_numbers, parts)):
             return as_numbers
-    return [p.astype(object).map(level_of).astype(object) for p in parts]
+    return [category_strings(p) for p in parts]
 
 
 # -- the gate ---------------------------------------------------------------------------------
-
-def score(model: Model, records: list[dict]) -> np.ndarray:
-    """Calibrated probabilities of raw records, as the API computes them (the model's own schema)."""
-    return model.predict_proba(records)
-
 
 def group_gaps(y: np.ndarray, decision: np.ndarray, groups: np.ndarray) -> dict[str, float]:
     """Selection-rate and true-positive-rate gaps between the groups large enough to judge (the

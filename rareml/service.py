@@ -10,6 +10,7 @@ swaps the model for every later request while those in flight finish on theirs.
 from __future__ import annotations
 
 import fcntl
+import gc
 import hmac
 import logging
 import re
@@ -22,7 +23,7 @@ import numpy as np
 import orjson
 
 from rareml import monitoring, registry
-from rareml.errors import InputError
+from rareml.errors import InputError, RareMLError
 from rareml.features import RecordEncoder
 from rareml.model import Model, load_model
 from rareml.scoring import explanation
@@ -112,7 +113,7 @@ class Service:
     _children: dict = field(default_factory=dict)
     _status_at: float = 0.0
 
-    def score(self, rows: np.ndarray, extras: list[dict], served: Served, raw: bytes | None = None) -> list[dict]:
+    def score(self, rows: np.ndarray, extras: list[dict], served: Served, raw: bytes) -> list[dict]:
         """Score encoded rows with `served`, log them with `raw`, the request as sent (before
         answering: a prediction that cannot be made durable is refused with 503, never answered
         and lost) and count them."""
@@ -205,8 +206,7 @@ class Service:
         self.authorize(authorization)
         alerts = alert_payload(parse_json(body))
         try:
-            self.store.add_alerts(alerts)
-            queued = self.store.queue_retrain(alerts)
+            queued = self.store.add_alerts(alerts)
         except LogUnavailable as exc:
             raise ApiError(503, "log_unavailable", f"the alerts were not recorded: {exc}") from None
         for alert in alerts:
@@ -356,17 +356,14 @@ class Follower:
     def __init__(self, service: Service, root: Path, seconds: float = 2.0, threads: int | None = None):
         self.service, self.root, self.seconds, self.threads = service, Path(root), seconds, threads
         self.refused: str | None = None  # the champion that failed: not tried again until the alias moves
-        self._stop = threading.Event()
 
     def start(self) -> Follower:
         threading.Thread(target=self._run, name="rareml-champion-follower", daemon=True).start()
         return self
 
-    def stop(self) -> None:
-        self._stop.set()
-
     def _run(self) -> None:
-        while not self._stop.wait(self.seconds):
+        while True:
+            time.sleep(self.seconds)
             try:
                 self.check()
             except Exception:  # the follower must outlive any surprise; the old model keeps serving
@@ -375,10 +372,14 @@ class Follower:
     def check(self) -> str | None:
         """One look at the alias: 'ok' if a new champion now serves, 'refused' if it failed, else None."""
         version = registry.version_of(self.root, registry.CHAMPION)
+        if version == self.service.served.version:
+            self.refused = None  # the alias came back: a refused version, mended, may be tried again
         if version is None or version in (self.service.served.version, self.refused):
             return None
-        try:
-            served = Served.load(registry.serving_dir(self.root), self.threads)
+        try:  # the folder of the version read (the alias may move again meanwhile: next look)
+            served = Served.load((self.root / registry.MODELS / version).resolve(), self.threads)
+            if served.version != version:
+                raise RareMLError(f"models/{version} holds model {served.version}")
         except Exception as exc:  # noqa: BLE001 (whatever is wrong with it, it does not serve)
             self.refused = version
             self.service.metrics.reloads.labels("refused").inc()
@@ -386,6 +387,7 @@ class Follower:
             return "refused"
         old = self.service.served.version
         self.service.swap(served)
+        gc.freeze()  # the new model out of the cyclic collector's sight, as at start (04_serve.py: load)
         self.service.metrics.reloads.labels("ok").inc()
         log.info("now serving the new champion %s (was %s)", served.version, old)
         return "ok"

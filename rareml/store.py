@@ -6,7 +6,8 @@ the calibrated probabilities, the decisions and the encoded input rows (float32,
 UNSEEN marks a category never seen in training), the sensitive attributes that are not features,
 and the request's body as the client sent it (`pack_request`; journaled as it came, compressed
 by the writer thread on its way into the log, so no request waits for zlib), so an audit shows what
-was sent and retraining learns levels the model never saw (`record_of`). So a 1,000-record batch is one small write, not a thousand. A prediction's id is `<request key>-<position>`. A label, when it
+was sent and retraining learns levels the model never saw (`record_of`). So a 1,000-record batch
+is one small write, not a thousand. A prediction's id is `<request key>-<position>`. A label, when it
 arrives, is stored with a copy of its prediction, so the labeled window is one table read.
 WAL mode lets several processes write; each thread of each process has its own connection.
 
@@ -26,6 +27,7 @@ alerts older than that are deleted (labels, which retraining needs, after `label
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +38,7 @@ import threading
 import time
 import weakref
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +190,7 @@ class Store:
         self._problems: dict[str, str] = {}  # what cannot be written now -> why
         self._replayed = self._failures = 0
         self._chunk_bytes = CHUNK_BYTES
+        self._sent: tuple = ("", None, None)  # the last request body a label parsed: (key, kind, body)
 
     # -- connections --------------------------------------------------------------------------
 
@@ -424,7 +428,7 @@ class Store:
                 raise UnknownPrediction(prediction_id)
             version, _, p, d, x, extras, raw = got
             extra = json.dumps(json.loads(extras)[i]) if extras else None
-            sent = record_of(raw, i)
+            sent = self._record_sent(key, raw, i)
             self._conn().execute(
                 "INSERT INTO feedback (prediction_id, label, ts, model_version, probability, decision, x, extras, raw) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -434,6 +438,14 @@ class Store:
             raise DuplicateFeedback(prediction_id) from None
         except (sqlite3.Error, OSError) as exc:
             raise self._unavailable("log", exc) from exc
+
+    def _record_sent(self, key: str, raw: bytes | None, i: int) -> dict | None:
+        """`record_of` for request `key`, its body parsed once for all its labels (those of a
+        1,000-record batch come together: one parse, not a thousand)."""
+        if self._sent[0] != key:
+            self._sent = (key, *_unpack(raw)) if raw else (key, None, None)
+        _, kind, sent = self._sent
+        return _record(kind, sent, i) if kind else None
 
     def _unwritten_slice(self, key: str, i: int) -> tuple | None:
         """A prediction answered but not in the log yet: in a journal (of this process, of a live
@@ -495,66 +507,48 @@ class Store:
         return [{"prediction_id": r[0], "ts": r[1], "label": r[2], "model_version": r[3], "probability": r[4],
                  "record": json.loads(r[5]) if r[5] else None} for r in got]
 
-    def add_alerts(self, alerts: list[dict]) -> None:
-        """Record alerts as Alertmanager's webhook sends them (already validated); LogUnavailable
-        if the log cannot be written now."""
+    def add_alerts(self, alerts: list[dict]) -> int:
+        """Record alerts as Alertmanager's webhook sends them (already validated), and in the same
+        transaction queue one retraining per firing alert labelled retrain="true", once per alert
+        (its fingerprint and start: Alertmanager repeats a notification). Returns how many
+        retrainings are new; LogUnavailable if the log cannot be written now."""
         now = time.time()
-        try:
-            with self._conn() as conn:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(
-                    "INSERT INTO alerts (received, status, alertname, fingerprint, starts_at, labels, annotations) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(now, a["status"], a["labels"]["alertname"], a.get("fingerprint"), a.get("startsAt"),
-                      json.dumps(a["labels"]), json.dumps(a.get("annotations", {}))) for a in alerts])
-        except (sqlite3.Error, OSError) as exc:
-            raise self._unavailable("log", exc) from exc
+        wanted = [a for a in alerts if a["status"] == "firing" and a["labels"].get("retrain") == "true"]
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT INTO alerts (received, status, alertname, fingerprint, starts_at, labels, annotations) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(now, a["status"], a["labels"]["alertname"], a.get("fingerprint"), a.get("startsAt"),
+                  json.dumps(a["labels"]), json.dumps(a.get("annotations", {}))) for a in alerts])
+            before = conn.total_changes
+            conn.executemany("INSERT OR IGNORE INTO retrains (alert_key, alertname, queued) VALUES (?, ?, ?)",
+                             [(f"{a.get('fingerprint') or a['labels']['alertname']}@{a.get('startsAt')}",
+                               a["labels"]["alertname"], now) for a in wanted])
+            return conn.total_changes - before
 
     # -- the retraining queue (06_retrain.py --watch) --------------------------------------------
 
-    def queue_retrain(self, alerts: list[dict]) -> int:
-        """Queue one retraining per firing alert labelled retrain="true", once per alert (its
-        fingerprint and start: Alertmanager repeats a notification); returns how many are new."""
-        wanted = [a for a in alerts if a["status"] == "firing" and a["labels"].get("retrain") == "true"]
-        if not wanted:
-            return 0
-        try:
-            with self._conn() as conn:
-                conn.execute("BEGIN IMMEDIATE")
-                before = conn.total_changes
-                conn.executemany("INSERT OR IGNORE INTO retrains (alert_key, alertname, queued) VALUES (?, ?, ?)",
-                                 [(f"{a.get('fingerprint') or a['labels']['alertname']}@{a.get('startsAt')}",
-                                   a["labels"]["alertname"], time.time()) for a in wanted])
-                return conn.total_changes - before
-        except (sqlite3.Error, OSError) as exc:
-            raise self._unavailable("log", exc) from exc
-
-    def claim_retrain(self, max_attempts: int = 2) -> list[int]:
-        """Every queued retraining, claimed at once (several alerts, one retraining); those begun
-        and never finished (the watcher stopped mid-way) are queued again, up to `max_attempts`."""
+    def claim_retrain(self, max_attempts: int = 2) -> list[dict]:
+        """Every queued retraining ({id, alertname, alert}), claimed at once (several alerts, one
+        retraining); those begun and never finished (the watcher stopped mid-way) are queued
+        again, up to `max_attempts`."""
         now = time.time()
-        try:
-            with self._conn() as conn:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("UPDATE retrains SET finished = ?, outcome = 'failed', detail = ? WHERE started IS NOT "
-                             "NULL AND finished IS NULL AND attempts >= ?",
-                             (now, json.dumps({"reason": "interrupted, and tried too often"}), max_attempts))
-                conn.execute("UPDATE retrains SET started = NULL WHERE started IS NOT NULL AND finished IS NULL")
-                seqs = [r[0] for r in conn.execute("SELECT seq FROM retrains WHERE finished IS NULL ORDER BY seq")]
-                conn.executemany("UPDATE retrains SET started = ?, attempts = attempts + 1 WHERE seq = ?",
-                                 [(now, s) for s in seqs])
-                return seqs
-        except (sqlite3.Error, OSError) as exc:
-            raise self._unavailable("log", exc) from exc
+        with self._transaction() as conn:
+            conn.execute("UPDATE retrains SET finished = ?, outcome = 'failed', detail = ? WHERE started IS NOT "
+                         "NULL AND finished IS NULL AND attempts >= ?",
+                         (now, json.dumps({"reason": "interrupted, and tried too often"}), max_attempts))
+            conn.execute("UPDATE retrains SET started = NULL WHERE started IS NOT NULL AND finished IS NULL")
+            claimed = [{"id": r[0], "alertname": r[1], "alert": r[2]} for r in conn.execute(
+                "SELECT seq, alertname, alert_key FROM retrains WHERE finished IS NULL ORDER BY seq")]
+            conn.executemany("UPDATE retrains SET started = ?, attempts = attempts + 1 WHERE seq = ?",
+                             [(now, c["id"]) for c in claimed])
+            return claimed
 
-    def finish_retrain(self, seqs: list[int], outcome: str, detail: dict) -> None:
+    def finish_retrain(self, ids: list[int], outcome: str, detail: dict) -> None:
         """Record how the retraining of these queued alerts ended."""
-        try:
-            with self._conn() as conn:
-                conn.executemany("UPDATE retrains SET finished = ?, outcome = ?, detail = ? WHERE seq = ?",
-                                 [(time.time(), outcome, json.dumps(detail, default=str), s) for s in seqs])
-        except (sqlite3.Error, OSError) as exc:
-            raise self._unavailable("log", exc) from exc
+        with self._transaction() as conn:
+            conn.executemany("UPDATE retrains SET finished = ?, outcome = ?, detail = ? WHERE seq = ?",
+                             [(time.time(), outcome, json.dumps(detail, default=str), i) for i in ids])
 
     def retrains(self, limit: int = 100) -> list[dict]:
         """The latest retrainings asked for, newest first, with their outcome once finished."""
@@ -585,6 +579,17 @@ class Store:
         got = self._read("SELECT (SELECT count(*) FROM requests), (SELECT coalesce(sum(n), 0) FROM requests), "
                          "(SELECT count(*) FROM feedback)", ())
         return dict(zip(("requests", "predictions", "feedback"), got[0]))
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection in one write transaction (committed on leaving, rolled back on
+        an exception); LogUnavailable if the log cannot be written."""
+        try:
+            with self._conn() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+        except (sqlite3.Error, OSError) as exc:
+            raise self._unavailable("log", exc) from exc
 
     def _read(self, sql: str, parameters: tuple) -> list[tuple]:
         try:
@@ -716,14 +721,20 @@ def _compressed(row: tuple) -> tuple:
     """A journaled row as the log keeps it: its body compressed (zlib level 1: 8 us for a 700-byte
     record, some ms for a 1,000-record batch; the writer thread's time, not the request's)."""
     raw = row[-1]
-    return row if not raw else (*row[:-1], raw[:1] + zlib.compress(raw[1:], 1))
+    return row if not raw else (*row[:-1], raw[:1] + zlib.compress(memoryview(raw)[1:], 1))  # no copy of the body
 
 
 def record_of(raw: bytes | None, i: int) -> dict | None:
     """Record `i` of a request as the client sent it (None if the log has no body for it)."""
-    if not raw:
-        return None
-    kind, sent = raw[:1], json.loads(zlib.decompress(raw[1:]))
+    return _record(*_unpack(raw), i) if raw else None
+
+
+def _unpack(raw: bytes) -> tuple[bytes, object]:
+    """A logged body: (its kind, its JSON parsed)."""
+    return raw[:1], json.loads(zlib.decompress(memoryview(raw)[1:]))
+
+
+def _record(kind: bytes, sent: object, i: int) -> dict:
     if kind == RAW_ONE:
         return sent
     if kind == RAW_RECORDS:

@@ -89,7 +89,6 @@ class Metrics:
         self.log_pending = Gauge("rareml_log_pending_bytes", "Answered predictions not yet in the prediction log "
                                  "(journaled, queued in memory)", multiprocess_mode="livesum", **reg)
 
-
     def describe(self, model: Model, replaced: Model | None = None) -> None:
         """The gauges that describe the model served (at start, and after a hot swap)."""
         if replaced is not None:
@@ -98,6 +97,7 @@ class Metrics:
         self.threshold.set(model.threshold)
         for name, value in model.manifest["metrics"]["validation"].items():
             self.baseline.labels(name).set(value)
+
     def update(self, s: monitoring.Signals) -> None:
         self.window_size.set(s.predictions)
         self.positive_rate.set(s.positive_rate)

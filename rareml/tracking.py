@@ -35,13 +35,22 @@ def allow_file_store() -> None:
     warnings.filterwarnings("ignore", message=".*[Ff]ile.?[Ss]tore.*")
 
 
-def setup_mlflow(experiment: str) -> str:
-    """Select (creating it if needed) the experiment at the tracking URI the stage has set, tagged
-    as model training (a plain folder allowed: `allow_file_store`)."""
+def use_tracking_store() -> str:
+    """Point MLflow where every stage logs: MLFLOW_TRACKING_URI, else ./mlruns (a plain folder
+    allowed: `allow_file_store`); returns the URI."""
     import mlflow
 
     allow_file_store()
-    uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "mlruns"))
+    return mlflow.get_tracking_uri()
+
+
+def setup_mlflow(experiment: str) -> str:
+    """Select (creating it if needed) the experiment at the stages' tracking URI
+    (`use_tracking_store`), tagged as model training; returns the URI."""
+    import mlflow
+
+    uri = use_tracking_store()
     if is_database(uri) and mlflow.get_experiment_by_name(experiment) is None:
         # a database store would put artifacts in ./mlruns, where they clash with the default file store
         mlflow.create_experiment(experiment, artifact_location=Path("mlartifacts").resolve().as_uri(),

@@ -56,3 +56,21 @@ def test_a_stage_before_its_inputs_names_the_target_to_run(tmp_path, script, fir
     proc = run_stage(script, "--config", str(config(tmp_path)), "--artifacts", str(tmp_path / "a"),
                      cwd=tmp_path, check=False)
     assert_one_line_error(proc, first)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), "no champion in"),  # nothing trained yet
+    (("--alert", "{not json"), "--alert is not JSON"),
+])
+def test_retrain_refuses_bad_input_in_one_line(tmp_path, extra, message):
+    dataset(tmp_path)
+    proc = run_stage("06_retrain.py", "--config", str(config(tmp_path)), "--artifacts", str(tmp_path / "a"),
+                     "--no-mlflow", *extra, cwd=tmp_path, check=False)
+    assert_one_line_error(proc, message)
+
+
+def test_a_retrain_policy_out_of_range_is_named(tmp_path):
+    dataset(tmp_path)
+    proc = run_stage("06_retrain.py", "--config", str(config(tmp_path, "[retrain]\ngate_share = 1.5\n")),
+                     "--artifacts", str(tmp_path / "a"), cwd=tmp_path, check=False)
+    assert_one_line_error(proc, "[retrain]: gate_share is out of range (1.5)")

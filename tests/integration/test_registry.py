@@ -83,6 +83,11 @@ def test_a_second_model_is_a_challenger_that_does_not_serve_until_promoted(twice
     assert registry.serving_dir(root).name == first and registry.version_of(root, "previous") == second["model_version"]
     assert aliases_in_mlflow(twice) == {"champion": "1", "challenger": "2", "previous": "2"}
 
+    run_stage("03_serialize.py", *args, "--promote", "--no-mlflow", cwd=twice)  # the local aliases only
+    assert registry.serving_dir(root).name == second["model_version"]
+    assert aliases_in_mlflow(twice) == {"champion": "1", "challenger": "2", "previous": "2"}
+    run_stage("03_serialize.py", *args, "--rollback", "--no-mlflow", cwd=twice)
+
     unknown = run_stage("03_serialize.py", *args, "--promote", "0123456789ab", cwd=twice, check=False)
     assert unknown.returncode != 0 and "no model '0123456789ab'" in unknown.stderr and "Traceback" not in unknown.stderr
     assert registry.serving_dir(root).name == first
@@ -99,6 +104,37 @@ def test_a_tampered_model_is_never_promoted(twice, tmp_path):
     with pytest.raises(RareMLError, match="does not match its checksum"):
         registry.promote(root)
     assert registry.version_of(root, "champion") == champion
+
+
+def test_a_worker_follows_the_champion_refuses_a_bad_one_and_tries_it_again_once_mended(twice, tmp_path):
+    """The follower of one worker, in process: a tampered champion is refused once (not reloaded at
+    every look), the old model keeps serving; once the alias has moved back, the mended one swaps in."""
+    import importlib
+
+    from rareml.service import Follower
+
+    root = tmp_path / "artifacts"
+    shutil.copytree(twice / "artifacts", root, symlinks=True)
+    first, second = registry.version_of(root, "champion"), registry.version_of(root, "challenger")
+    app = importlib.import_module("04_serve").create_app(registry.serving_dir(root), tmp_path / "log.db",
+                                                         refresh=3600)
+    follower, client = Follower(app.extensions["rareml"], root), app.test_client()
+    assert follower.check() is None
+    victim = root / "models" / second / "calibrator.json"
+    good = victim.read_text()
+    victim.write_text(good.replace("0", "1", 1))
+    registry.set_alias(root, "champion", second)  # by hand, past promote's own check
+    assert follower.check() == "refused" and follower.check() is None  # refused once, not at every look
+    victim.write_text(good)
+    assert follower.check() is None  # mended, but the alias has not moved
+    registry.set_alias(root, "champion", first)
+    assert follower.check() is None and follower.refused is None
+    registry.set_alias(root, "champion", second)
+    assert follower.check() == "ok"
+    answer = client.post("/predict/batch", json={"records": json.loads((root / "models" / second / "examples.json")
+                                                                         .read_text())["positive"][:2]})
+    assert answer.status_code == 200 and answer.headers["X-Model-Version"] == second  # the Flask path's header
+    assert client.get("/model").get_json()["model_version"] == second
 
 
 def test_aliases_refuse_what_is_not_a_published_version(twice, tmp_path):

@@ -141,7 +141,7 @@ def test_the_watcher_runs_each_queued_alert_once_and_records_the_outcome(trained
     store = Store(db, 1)
     fire = {"status": "firing", "labels": {"alertname": "RareMLDataDrift", "retrain": "true"}, "fingerprint": "f1",
             "startsAt": "2026-12-02T00:00:00Z"}
-    assert store.queue_retrain([fire, fire | {"fingerprint": "f2"}]) == 2
+    assert store.add_alerts([fire, fire | {"fingerprint": "f2"}]) == 2
     config = config_with(census_small, tmp_path, "cooldown_seconds = 0\n")
     run_stage("06_retrain.py", "--config", str(config), "--artifacts", str(work / "artifacts"), "--watch",
               "--poll", "0.2", "--max-polls", "3", "--no-mlflow", cwd=work, timeout=300)
@@ -149,3 +149,5 @@ def test_the_watcher_runs_each_queued_alert_once_and_records_the_outcome(trained
     assert [r["outcome"] for r in retrains] == ["not_enough_labels"] * 2  # two alerts, one retraining
     assert retrains[0]["detail"]["reason"].startswith("50 labelled production rows, fewer than min_new_labels")
     assert retrains[0]["started"] == retrains[1]["started"] and retrains[0]["attempts"] == 1
+    assert retrains[0]["detail"]["alert"] == {"alertname": "RareMLDataDrift", "alerts": [
+        "f1@2026-12-02T00:00:00Z", "f2@2026-12-02T00:00:00Z"]}

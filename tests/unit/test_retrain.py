@@ -4,10 +4,11 @@ interrupted and finished."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from rareml.config import RetrainPolicy
-from rareml.retrain import NotEnoughLabels, gate, production_rows
+from rareml.config import RetrainPolicy, load_config
+from rareml.retrain import NotEnoughLabels, Production, gate, production_rows, retraining_tables, weight_column
 from rareml.store import Store
 
 RNG = np.random.default_rng(0)
@@ -110,18 +111,35 @@ def test_the_queue_runs_several_alerts_as_one_retraining_and_survives_a_restart(
     store = Store(tmp_path / "log.db", 1)
     fire = [{"status": "firing", "labels": {"alertname": n, "retrain": "true"}, "fingerprint": n, "startsAt": "t0"}
             for n in ("A", "B")]
-    assert store.queue_retrain(fire + [fire[0] | {"status": "resolved"}]) == 2
+    assert store.add_alerts(fire + [fire[0] | {"status": "resolved"}]) == 2
     assert store.retrain_outcomes() == {"queued": 2}
     claimed = store.claim_retrain()
-    assert len(claimed) == 2 and store.retrain_outcomes() == {"running": 2}
+    assert [c["alertname"] for c in claimed] == ["A", "B"] and store.retrain_outcomes() == {"running": 2}
     # the watcher stopped mid-way: the next one takes them again, once more, then gives up
     assert store.claim_retrain() == claimed
     assert store.claim_retrain() == []
     assert store.retrain_outcomes() == {"failed": 2}
-    assert store.queue_retrain([fire[0] | {"startsAt": "t1"}]) == 1
-    (seq,) = store.claim_retrain()
-    store.finish_retrain([seq], "promoted", {"challenger": "abc"})
+    assert store.add_alerts([fire[0] | {"startsAt": "t1"}]) == 1
+    (again,) = store.claim_retrain()
+    assert again["alert"] == "A@t1"
+    store.finish_retrain([again["id"]], "promoted", {"challenger": "abc"})
     newest = store.retrains()[0]
     assert newest["outcome"] == "promoted" and newest["detail"] == {"challenger": "abc"} and newest["attempts"] == 1
     assert store.last_retrain_finished() == newest["finished"]
     assert store.retrain_outcomes() == {"failed": 2, "promoted": 1}
+
+
+def test_the_retraining_table_keeps_the_configs_weights_and_weighs_production_rows(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('name = "t"\ndata = "d.csv"\ntarget = "y"\npositive = "yes"\nweight = "w"\n'
+                    'categorical = ["code"]\n[retrain]\nproduction_weight = 3.0\n')
+    config = load_config(path)
+    original = pd.DataFrame({"x": [1.5, 2.0], "code": [1, 2], "w": [1.0, 3.0], "y": ["no", "yes"]})
+    rows = [{"ts": 1.0 + i, "label": i % 2, "record": {"x": 5, "code": "new", "w": 9, "sent_extra": 1}}
+            for i in range(3)]
+    table, gate_table = retraining_tables(config, original, Production(rows[:2], rows[2:], 0))
+    assert weight_column(config) == "w"  # the user's weights stay weights, never a feature
+    assert list(table.columns) == list(gate_table.columns) == ["x", "code", "y", "w"]
+    assert table["w"].tolist() == [1.0, 3.0, 6.0, 6.0] and gate_table["w"].tolist() == [1.0]
+    assert table["y"].tolist() == ["no", "yes", "no", "yes"] and gate_table["y"].tolist() == ["no"]
+    assert table["code"].tolist() == ["1", "2", "new", "new"] and table["x"].tolist() == [1.5, 2.0, 5.0, 5.0]

@@ -49,3 +49,20 @@ def test_sampled_trials_give_parameters_xgboost_trains_with():
             assert depth <= params["max_depth"]
         study.tell(trial, 0.0)
     assert seen == {"depthwise", "lossguide"}
+
+
+def test_row_weights_weigh_the_fitting_and_early_stopping_not_the_validation():
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame({"a": rng.normal(size=200), "c": pd.Categorical(rng.choice(["p", "q"], 200))})
+    y, weight = (rng.random(200) < 0.2).astype(int), rng.uniform(0.5, 3.0, 200)
+    for fold in tune.make_folds(X, y, k=2, repeats=1, seed=0, weight=weight):
+        for encoding in ENCODINGS:
+            fit, stop, valid = fold.fit[encoding], fold.stop[encoding], fold.valid[encoding]
+            assert len(fit.get_weight()) == fit.num_row() and len(stop.get_weight()) == stop.num_row()
+            assert valid.get_weight().size == 0
+            assert sorted(np.r_[fit.get_weight(), stop.get_weight()]) == pytest.approx(
+                sorted(np.delete(weight, fold.valid_idx)), rel=1e-6)
+    assert tune.make_folds(X, y, k=2, repeats=1, seed=0)[0].fit["native"].get_weight().size == 0

@@ -264,6 +264,8 @@ def test_the_request_as_sent_is_kept_and_labels_carry_their_record(store):
     assert [g["record"] for g in got] == [one, {"age": 2, "job": None}, {"age": 7, "job": "r", "short": None}]
     assert all(g["ts"] > 0 and g["model_version"] == "v1" for g in got)
     assert store.labelled_records(since=got[-1]["ts"]) == got[-1:]
+    store.add_feedback(ids[2][0], 0)  # another label of the same batch: its body parsed once for both
+    assert store.labelled_records()[-1]["record"] == {"age": 5, "job": "p", "short": 1}
 
 
 def test_a_log_of_the_first_release_gains_the_raw_columns_and_keeps_its_rows(tmp_path):
