@@ -1,15 +1,17 @@
 """Stage 5: traffic and drift simulator. Replays real rows to a running API at a given rate for a
 bounded time, and sends each true label back to /feedback after a delay, as production would.
 
-Scenarios (the rows come from ARTIFACTS, written by `make prepare`):
-  none       rows of the training split: the reference distribution itself, no drift
-  real       the held-out test split as it is (for the census default: 1995, after training on 1994)
-  covariate  training rows with --features shifted (numbers by --shift standard deviations;
+Scenarios (the rows come from ARTIFACTS, written by `make prepare`: the training split, or with
+--source test the held-out test split, which for the census default is 1995 after training on 1994):
+  none       the rows as they are (training rows: the reference distribution itself, no drift)
+  real       the held-out test split as it is (the same as --scenario none --source test)
+  covariate  the rows with --features shifted (numbers by --shift standard deviations;
              categories moved to a rare level in half the rows): data drift
-  label      training rows resampled so the positive rate is --positive-rate: prior shift
-  concept    training rows whose label is flipped where --features[0] is above its median: the
+  label      the rows resampled so the positive rate is --positive-rate: prior shift
+  concept    the rows with their label flipped where --features[0] is above its median: the
              inputs do not move, their relation to the label does, and only live performance shows it
-It talks only to --url. Usage: make simulate URL=http://127.0.0.1:8000 SCENARIO=covariate
+It talks only to --url. SIGTERM or Ctrl-C stops the sending; the labels already due are still sent
+and the summary printed. Usage: make simulate URL=http://127.0.0.1:8000 SCENARIO=covariate
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import heapq
 import http.client
 import json
 import logging
+import signal
 import threading
 import time
 import urllib.parse
@@ -44,13 +47,13 @@ def default_features(schema: Schema, importance: dict[str, float], n: int = 2) -
     return sorted(numeric, key=lambda name: -importance.get(name, 0.0))[:n]
 
 
-def scenario_rows(scenario: str, train: pd.DataFrame, test: pd.DataFrame, schema: Schema, features: list[str],
-                  shift: float, positive_rate: float, seed: int) -> pd.DataFrame:
+def scenario_rows(scenario: str, source: pd.DataFrame, schema: Schema, features: list[str], shift: float,
+                  positive_rate: float, seed: int) -> pd.DataFrame:
     """The rows to replay, in order, with their (possibly changed) labels in LABEL."""
     rng = np.random.default_rng(seed)
-    if scenario == "real":
-        return test.sample(frac=1.0, random_state=seed)
-    rows = train.sample(frac=1.0, random_state=seed).copy()
+    rows = source.sample(frac=1.0, random_state=seed).copy()
+    if scenario in ("none", "real"):
+        return rows
     kinds = {f.name: f for f in schema.features}
     unknown = [f for f in features if f not in kinds]
     if unknown:
@@ -104,10 +107,12 @@ class Client:
 
 
 def replay(client: Client, records: list[dict], labels: list[int], rate: float, seconds: float, delay: float,
-           feedback_share: float, concurrency: int, seed: int) -> dict:
+           feedback_share: float, concurrency: int, seed: int, stop: threading.Event | None = None) -> dict:
     """Send records at `rate` per second for `seconds` (cycling if needed), each label `delay`
-    seconds after its prediction; returns counts by outcome."""
+    seconds after its prediction; returns counts by outcome. Setting `stop` ends the sending early
+    (the labels already due are still sent)."""
     rng = np.random.default_rng(seed)
+    stop = stop or threading.Event()
     statuses, lock, due = Counter(), threading.Lock(), []
     start = time.monotonic()
     total = int(rate * seconds)
@@ -132,8 +137,9 @@ def replay(client: Client, records: list[dict], labels: list[int], rate: float, 
     with ThreadPoolExecutor(concurrency) as pool:
         for i in range(total):
             pause = start + i / rate - time.monotonic()
-            if pause > 0:
-                time.sleep(pause)
+            if pause > 0 and stop.wait(pause) or stop.is_set():
+                total = i
+                break
             pool.submit(predict, i)
             pool.submit(send_due, time.monotonic())
     send_due(time.monotonic())
@@ -149,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the API (make serve)")
     parser.add_argument("--artifacts", default="artifacts", type=Path, help="where make prepare wrote the splits")
     parser.add_argument("--scenario", choices=SCENARIOS, default="none")
+    parser.add_argument("--source", choices=("train", "test"), default="train",
+                        help="the split whose rows are replayed (scenario real: always test)")
     parser.add_argument("--rate", type=float, default=20.0, help="predictions per second")
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to send")
     parser.add_argument("--feedback-delay", type=float, default=5.0, help="seconds before a label is sent")
@@ -166,14 +174,17 @@ def main(argv: list[str] | None = None) -> None:
     manifest = read_json(require(model_manifest, "serialize"))
     schema = Schema.from_dict(manifest["schema"])
     features = args.features.split(",") if args.features else default_features(schema, manifest.get("importance", {}))
-    train = pd.read_parquet(require(layout.train, "prepare"))
-    test = pd.read_parquet(require(layout.test, "prepare"))
-    rows = scenario_rows(args.scenario, train, test, schema, features, args.shift, args.positive_rate, args.seed)
+    split = layout.test if args.scenario == "real" or args.source == "test" else layout.train
+    source = pd.read_parquet(require(split, "prepare"))
+    rows = scenario_rows(args.scenario, source, schema, features, args.shift, args.positive_rate, args.seed)
     rows = rows.head(int(args.rate * args.seconds))  # what will be sent (cycled if fewer)
     log.info("%s: %d rows at %.0f/s for %.0f s to %s (features %s), labels after %.0f s", args.scenario, len(rows),
              args.rate, args.seconds, args.url, ",".join(features), args.feedback_delay)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     summary = replay(Client(args.url), to_records(rows, schema), rows[LABEL].astype(int).tolist(), args.rate,
-                     args.seconds, args.feedback_delay, args.feedback_share, args.concurrency, args.seed)
+                     args.seconds, args.feedback_delay, args.feedback_share, args.concurrency, args.seed, stop)
     print(json.dumps({"scenario": args.scenario, "features": features, **summary}))
 
 
