@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -110,6 +111,21 @@ def suggest(trial: optuna.Trial, spw_max: float) -> tuple[dict, str]:
     trial.suggest_float("scale_pos_weight", 1.0, max(spw_max, 1.0 + 1e-9), log=True)
     trial.suggest_categorical("encoding", ENCODINGS)
     return xgb_params(trial.params), trial.params["encoding"]
+
+
+def warm_start(model_dir: Path, spw_max: float) -> dict:
+    """The search-space choices of the model in `model_dir` (its manifest, read as JSON), to try
+    first: a retraining starts from the champion's configuration on the new data."""
+    manifest = read_json(require(model_dir / "manifest.json", "serialize"))
+    params, size = manifest["params"], "max_depth" if manifest["params"].get("grow_policy") == "depthwise" else "max_leaves"
+    names = ("grow_policy", size, "learning_rate", "min_child_weight", "subsample", "colsample_bytree", "reg_lambda",
+             "reg_alpha", "scale_pos_weight")
+    missing = [n for n in names if n not in params]
+    if missing or manifest.get("encoding") not in ENCODINGS:
+        raise RareMLError(f"--warm-start {model_dir}: its manifest lacks {', '.join(missing) or 'a known encoding'}")
+    start = {n: params[n] for n in names} | {"encoding": manifest["encoding"]}
+    start["scale_pos_weight"] = min(max(float(start["scale_pos_weight"]), 1.0), max(spw_max, 1.0))  # this data's range
+    return start
 
 
 def xgb_params(chosen: dict) -> dict:
@@ -250,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--started-at", type=float, default=None,
                         help="epoch seconds the budget counts from (make all: before prepare; default: now)")
     parser.add_argument("--n-trials", type=int, default=None, help="stop after this many trials (default: budget)")
+    parser.add_argument("--warm-start", type=Path, metavar="MODEL_DIR",
+                        help="try the parameters of this model first (06_retrain.py: the champion's)")
     parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                         help="an MLflow tag for the run and the registered model (06_retrain.py: the alert)")
     args = parser.parse_args(argv)
@@ -268,7 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner,
                                 study_name=f"{config.name}-xgboost")
-    for start in STARTS[:args.n_trials]:  # with fewer trials allowed than starts, enqueue only those that run
+    first = [warm_start(args.warm_start, objective.spw_max)] if args.warm_start else []
+    starts = first + [s for s in STARTS if s not in first]
+    for start in starts[:args.n_trials]:  # with fewer trials allowed than starts, enqueue only those that run
         study.enqueue_trial(start)
     import mlflow
 

@@ -65,7 +65,7 @@ def retrain_once(config: Config, root: Path, db: Path, budget: float, alert: dic
     tags = [f"retrain.alert={(alert or {}).get('alertname', 'manual')}", f"retrain.parent={champion}",
             f"retrain.run={run_dir.name}"]
     importlib.import_module("02_tune").main([*common, "--time-budget", str(budget), "--started-at", str(started),
-                           *[a for t in tags for a in ("--tag", t)]])
+                           "--warm-start", str(registry.serving_dir(root)), *[a for t in tags for a in ("--tag", t)]])
     importlib.import_module("03_serialize").main([*common, "--registry", str(root)] + ([] if use_mlflow else ["--no-mlflow"]))
     challenger = read_json(run_dir / "serialized.json")["model_version"]
     new = load_model(root / registry.MODELS / challenger)  # verified: the published copy, not the run's folder
@@ -150,7 +150,7 @@ def run_child(args: argparse.Namespace, claimed: list[dict]) -> dict:
     command = [sys.executable, str(HERE / "06_retrain.py"), "--config", args.config, "--artifacts",
                str(args.artifacts), "--db", str(args.db_path), "--budget", str(args.budget), "--outcome", str(out),
                "--alert", json.dumps(alert), "--fairness-bound",
-               str(args.fairness_bound)] + (["--no-mlflow"] if args.no_mlflow else [])
+               str(args.fairness_bound), "--bootstrap", str(args.bootstrap)] + (["--no-mlflow"] if args.no_mlflow else [])
     log.info("retraining for %s", ", ".join(alert["alerts"]))
     try:
         done = subprocess.run(command, timeout=args.budget + OVERRUN_S, check=False)
@@ -164,7 +164,8 @@ def run_child(args: argparse.Namespace, claimed: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--db", type=Path, help="the API's prediction log (default: ARTIFACTS/serving/predictions.db)")
-    parser.add_argument("--budget", type=float, default=600, help="seconds for one retraining (default 600)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for one retraining (default: the config's [retrain] budget_seconds, 420)")
     parser.add_argument("--alert", help="the alert that triggered it (JSON), recorded in the run and its tags")
     parser.add_argument("--fairness-bound", type=float, default=FAIRNESS_BOUND,
                         help="the widest group gap the gate accepts (the API's --fairness-bound)")
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config)
     args.artifacts = args.artifacts.resolve()
     args.db_path = (args.db or args.artifacts / "serving" / "predictions.db").resolve()
+    args.budget = args.budget or config.retrain.budget_seconds
     if args.watch:
         watch(args, config, args.db_path)
         return

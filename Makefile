@@ -13,7 +13,7 @@ WORKERS ?= 2
 export MLFLOW_DISABLE_TELEMETRY ?= true
 STAGE_ARGS = --config $(CONFIG) --artifacts $(ARTIFACTS)
 
-.PHONY: help setup lint all prepare tune serialize serve promote rollback retrain retrain-watch gui space publish-space simulate monitor monitor-stop test benchmark bench-serve peers mlflow-ui clean
+.PHONY: help setup lint all prepare tune serialize serve promote rollback retrain retrain-watch gui space publish-space simulate monitor monitor-stop test benchmark bench-serve bench-loop peers mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,11 +58,13 @@ promote: setup ## the challenger (or VERSION=...) becomes the champion; the old 
 rollback: setup ## the previous champion serves again (champion and previous swap)
 	$(PY) 03_serialize.py --config $(CONFIG) --artifacts $(ARTIFACTS) --rollback
 
-retrain: setup ## 06: one retraining on the labelled production rows within BUDGET; promoted only if the gate passes
-	$(PY) 06_retrain.py --config $(CONFIG) --artifacts $(ARTIFACTS) --budget $(BUDGET)
+RETRAIN_BUDGET ?=
+RETRAIN_ARGS = --config $(CONFIG) --artifacts $(ARTIFACTS) $(if $(RETRAIN_BUDGET),--budget $(RETRAIN_BUDGET))
+retrain: setup ## 06: one retraining on the labelled production rows (RETRAIN_BUDGET s, default the config's); promoted only if the gate passes
+	$(PY) 06_retrain.py $(RETRAIN_ARGS)
 
 retrain-watch: setup ## 06 --watch: retrain on each retrain="true" alert the API queues (one at a time, cooldown)
-	$(PY) 06_retrain.py --config $(CONFIG) --artifacts $(ARTIFACTS) --budget $(BUDGET) --watch
+	$(PY) 06_retrain.py $(RETRAIN_ARGS) --watch
 
 gui: PORT = 7860
 gui: setup ## the Gradio GUI on http://127.0.0.1:PORT (7860), over ARTIFACTS/model (RAREML_API_URL: score via the API)
@@ -98,6 +100,9 @@ benchmark: setup ## time and memory per stage on the default dataset (within BUD
 bench-serve: setup ## API speed: /predict vs /health, /predict/batch vs raw XGBoost (installs wrk)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=300 wrk >/dev/null; }
 	$(PY) benchmarks/serve.py --artifacts $(ARTIFACTS) --workers $(WORKERS)
+
+bench-loop: setup ## the closed loop timed on ARTIFACTS: drift onset to the new champion serving (needs Prometheus)
+	$(PY) benchmarks/loop.py --artifacts $(ARTIFACTS) --config $(CONFIG) $(if $(RETRAIN_BUDGET),--budget $(RETRAIN_BUDGET))
 
 DATASET ?= credit_data
 SPLIT ?= 0

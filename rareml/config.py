@@ -35,6 +35,7 @@ class RetrainPolicy:
     margin: float = 0.0  # promote if the 95% lower bound of AP(challenger) - AP(champion) > -margin...
     brier_tolerance: float = 0.01  # ...and the Brier score is no worse than the champion's by more
     cooldown_seconds: float = 600.0  # the watcher starts no retraining sooner after the last one
+    budget_seconds: float = 420.0  # one retraining, from the log to a registered challenger (06_retrain --budget)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ _TYPES = {
 _THRESHOLD_TYPES = {"metric": str, "beta": float, "min_precision": float, "min_recall": float,
                     "cost_fp": float, "cost_fn": float}
 _RETRAIN_TYPES = {"min_new_labels": int, "window_days": float, "production_weight": float, "gate_share": float,
-                  "min_gate_positives": int, "margin": float, "brier_tolerance": float, "cooldown_seconds": float}
+                  "min_gate_positives": int, "margin": float, "brier_tolerance": float, "cooldown_seconds": float,
+                  "budget_seconds": float}
 _REQUIRED = ("name", "data", "target", "positive")
 
 
@@ -130,7 +132,7 @@ def _retrain_policy(table: dict, where: str) -> RetrainPolicy:
               "window_days": policy.window_days is None or policy.window_days > 0,
               "production_weight": policy.production_weight > 0, "gate_share": 0 < policy.gate_share < 1,
               "margin": policy.margin >= 0, "brier_tolerance": policy.brier_tolerance >= 0,
-              "cooldown_seconds": policy.cooldown_seconds >= 0}
+              "cooldown_seconds": policy.cooldown_seconds >= 0, "budget_seconds": policy.budget_seconds >= 10}
     bad = [k for k, ok in checks.items() if not ok]
     if bad:
         raise RareMLError(f"{where} [retrain]: {bad[0]} is out of range ({getattr(policy, bad[0])}): see configs/README.md")

@@ -30,6 +30,12 @@ def test_defaults_and_relative_data_path(tmp_path):
     assert load_config(write(tmp_path, BASE + "cv_folds = 4\n")).folds_for(200_000) == 4
 
 
+def test_retrain_table_is_read(tmp_path):
+    assert load_config(write(tmp_path, BASE)).retrain.budget_seconds == 420.0
+    config = load_config(write(tmp_path, BASE + "[retrain]\nbudget_seconds = 90\nmin_new_labels = 50\n"))
+    assert (config.retrain.budget_seconds, config.retrain.min_new_labels) == (90.0, 50)
+
+
 def test_threshold_table_is_read(tmp_path):
     config = load_config(write(tmp_path, BASE + '[threshold]\nmetric = "cost"\ncost_fn = 7\n'))
     assert (config.threshold.metric, config.threshold.cost_fn, config.threshold.cost_fp) == ("cost", 7.0, 1.0)
@@ -47,6 +53,7 @@ def test_threshold_table_is_read(tmp_path):
     (BASE + '[threshold]\nmetric = "accuracy"\n', "metric 'accuracy' is not one of"),
     (BASE + '[threshold]\nmetric = "min_precision"\nmin_precision = 1.5\n', "min_precision must be in (0, 1]"),
     (BASE + '[threshold]\nmetrc = "f1"\n', "unknown key 'metrc'"),
+    (BASE + "[retrain]\nbudget_seconds = 5\n", "[retrain]: budget_seconds is out of range (5.0)"),
     ('name = "x\n', "not valid TOML"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, text, message):

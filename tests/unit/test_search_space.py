@@ -66,3 +66,32 @@ def test_row_weights_weigh_the_fitting_and_early_stopping_not_the_validation():
             assert sorted(np.r_[fit.get_weight(), stop.get_weight()]) == pytest.approx(
                 sorted(np.delete(weight, fold.valid_idx)), rel=1e-6)
     assert tune.make_folds(X, y, k=2, repeats=1, seed=0)[0].fit["native"].get_weight().size == 0
+
+
+@pytest.mark.parametrize("start", tune.STARTS[:4], ids=[f"start{i}" for i in range(4)])
+def test_a_warm_start_is_the_champions_point_of_the_search_space(start, tmp_path):
+    """What 03_serialize writes in the manifest (base and XGBoost parameters, the encoding) gives
+    back the trial that chose them, scale_pos_weight clipped into this data's range."""
+    import json
+
+    from rareml.model import base_params
+
+    chosen = start | {"scale_pos_weight": 40.0}
+    manifest = {"params": base_params(0) | tune.xgb_params(chosen) | {"n_estimators": 99},
+                "encoding": chosen["encoding"]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    warm = tune.warm_start(tmp_path, spw_max=15.0)
+    assert warm == chosen | {"scale_pos_weight": 15.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tune.suggest(optuna.trial.FixedTrial(warm), spw_max=15.0)
+
+
+def test_a_warm_start_without_the_parameters_is_named(tmp_path):
+    import json
+
+    from rareml.errors import RareMLError
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"params": {"grow_policy": "depthwise"}, "encoding": "native"}))
+    with pytest.raises(RareMLError, match="its manifest lacks max_depth, learning_rate"):
+        tune.warm_start(tmp_path, spw_max=3.0)
