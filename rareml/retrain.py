@@ -132,17 +132,36 @@ def _one_type(*parts: pd.Series, numeric: bool) -> list[pd.Series]:
 
 # -- the gate ---------------------------------------------------------------------------------
 
-def group_gaps(y: np.ndarray, decision: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+def group_gaps(y: np.ndarray, decision: np.ndarray, groups: np.ndarray, n_boot: int = 0,
+               seed: int = 0) -> dict[str, dict[str, float | None]]:
     """Selection-rate and true-positive-rate gaps between the groups large enough to judge (the
-    live monitoring's minimum sizes); NaN when fewer than two groups are."""
-    rates = metrics.group_rates(y, decision, groups)
-    selection = [r["selection_rate"] for g, r in rates.items() if g != "nan" and r["n"] >= MIN_GROUP]
-    tpr = [r["true_positive_rate"] for g, r in rates.items()
-           if g != "nan" and int(((groups == g) & (y == 1)).sum()) >= MIN_GROUP_POSITIVES]
+    live monitoring's minimum sizes), each with a 95% bootstrap interval (rows resampled as the
+    gate's AP difference is: same seed, same draws); None where fewer than two groups are."""
+    y, decision = np.asarray(y, float), np.asarray(decision, float)
+    names, codes = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    known = names != "nan"
 
-    def gap(values: list[float]) -> float:
-        return max(values) - min(values) if len(values) >= 2 else math.nan
-    return {"selection_rate": gap(selection), "true_positive_rate": gap(tpr)}
+    def gaps(w: np.ndarray) -> tuple[float, float]:
+        n = np.bincount(codes, weights=w, minlength=len(names))
+        positives = np.bincount(codes, weights=w * y, minlength=len(names))
+        selected = np.bincount(codes, weights=w * decision, minlength=len(names))
+        caught = np.bincount(codes, weights=w * y * decision, minlength=len(names))
+        out = []
+        for enough, rate in ((known & (n >= MIN_GROUP), selected / np.maximum(n, 1)),
+                             (known & (positives >= MIN_GROUP_POSITIVES), caught / np.maximum(positives, 1))):
+            out.append(float(rate[enough].max() - rate[enough].min()) if enough.sum() >= 2 else math.nan)
+        return out[0], out[1]
+
+    point = gaps(np.ones(len(y)))
+    rng = np.random.default_rng(seed)
+    draws = np.array([gaps(np.bincount(rng.integers(0, len(y), len(y)), minlength=len(y)).astype(float))
+                      for _ in range(n_boot)]).reshape(-1, 2)
+    out = {}
+    for i, kind in enumerate(("selection_rate", "true_positive_rate")):
+        finite = draws[:, i][np.isfinite(draws[:, i])]
+        low, high = np.percentile(finite, [2.5, 97.5]) if len(finite) and not math.isnan(point[i]) else (math.nan,) * 2
+        out[kind] = {k: None if math.isnan(v) else float(v) for k, v in (("value", point[i]), ("low", low), ("high", high))}
+    return out
 
 
 def gate(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, decisions: tuple[np.ndarray, np.ndarray],
@@ -164,13 +183,14 @@ def gate(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, decisions:
         reasons.append(f"Brier score worse by {brier.value:.4f}, more than the tolerance {policy.brier_tolerance:g}")
     fairness = {}
     for attribute, values in groups.items():
-        old, new = group_gaps(y, decisions[0], values), group_gaps(y, decisions[1], values)
-        fairness[attribute] = {role: {k: None if math.isnan(v) else v for k, v in gaps.items()}  # JSON: no NaN
-                               for role, gaps in (("champion", old), ("challenger", new))}
+        old, new = (group_gaps(y, d, values, n_boot, seed) for d in decisions)
+        fairness[attribute] = {"champion": old, "challenger": new}
         for kind, gap in new.items():
-            if gap > fairness_bound and not gap <= old[kind]:
-                reasons.append(f"{attribute}: {kind.replace('_', ' ')} gap {gap:.3f} above the bound "
-                               f"{fairness_bound:g} (champion: {old[kind]:.3f})")
+            # evidence, not noise: its 95% interval lies above the bound, and it is wider than the champion's
+            if gap["low"] is not None and gap["low"] > fairness_bound and not gap["value"] <= (old[kind]["value"] or 0):
+                reasons.append(f"{attribute}: {kind.replace('_', ' ')} gap {gap['value']:.3f} [{gap['low']:.3f}, "
+                               f"{gap['high']:.3f}] above the bound {fairness_bound:g} (champion: "
+                               f"{old[kind]['value'] if old[kind]['value'] is not None else float('nan'):.3f})")
     as_dict = {k: {"value": e.value, "low": e.low, "high": e.high} for k, e in diff.items()}
     return {"promote": not reasons, "reasons": reasons, "rows": len(y), "positives": int(y.sum()),
             "average_precision": {"champion": as_dict["average_precision_a"],

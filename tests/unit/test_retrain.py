@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 
 from rareml.config import RetrainPolicy, load_config
-from rareml.retrain import NotEnoughLabels, Production, gate, production_rows, retraining_tables, weight_column
+from rareml import metrics
+from rareml.retrain import (
+    NotEnoughLabels, Production, gate, group_gaps, production_rows, retraining_tables, weight_column)
 from rareml.store import Store
 
 RNG = np.random.default_rng(0)
@@ -79,6 +81,37 @@ def test_an_unfair_challenger_is_rejected_unless_the_champion_is_as_unfair():
     assert any(r.startswith("sex: selection rate gap") for r in decision["reasons"])
     as_unfair = judge(np.clip(unfair, 0, 1), np.clip(unfair, 0, 1))  # the champion's gap is as wide
     assert not any(r.startswith("sex:") for r in as_unfair["reasons"])
+
+
+def selecting(rates: dict[str, tuple[int, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of groups {name: (rows, share selected)}, a third of them positive, as y, decision, groups."""
+    groups = np.concatenate([[g] * n for g, (n, _) in rates.items()]).astype(object)
+    decision = np.concatenate([np.arange(n) < round(n * share) for n, share in rates.values()])
+    y = (np.arange(len(groups)) % 3 == 0).astype(int)
+    return y, decision, groups
+
+
+def test_group_gaps_are_the_monitorings_rates_with_a_bootstrap_interval():
+    y, decision, groups = selecting({"a": (600, 0.4), "b": (60, 0.6), "tiny": (5, 1.0)})
+    gaps = group_gaps(y, decision, groups, n_boot=400, seed=0)
+    rates = metrics.group_rates(y, decision, groups)
+    judged = [r["selection_rate"] for g, r in rates.items() if r["n"] >= 20]  # "tiny" is too small to judge
+    assert gaps["selection_rate"]["value"] == pytest.approx(max(judged) - min(judged)) == pytest.approx(0.2)
+    assert gaps["selection_rate"]["low"] < 0.2 < gaps["selection_rate"]["high"]
+    assert group_gaps(y, decision, np.array(["a"] * len(y), dtype=object))["selection_rate"]["value"] is None
+
+
+def test_only_a_gap_the_gate_set_is_sure_of_blocks_a_promotion():
+    """The same point gap (0.27, above the bound 0.2): noise in a group of 24, evidence in one of 400."""
+    for small, blocked in ((24, False), (400, True)):
+        y, decision, groups = selecting({"a": (600, 0.4), "b": (small, 2 / 3)})
+        champion = np.where(y == 1, 0.6, 0.2) + 0.01 * np.arange(len(y)) / len(y)
+        challenger = np.where(y == 1, 0.9, 0.1)
+        fair = np.full(len(y), True) & (np.arange(len(y)) % 2 == 0)  # the champion: the same rate everywhere
+        decision_ = gate(y, champion, challenger, (fair, decision), {"g": groups}, DEFAULT, 0.2, n_boot=400, seed=0)
+        gap = decision_["fairness"]["g"]["challenger"]["selection_rate"]
+        assert gap["value"] == pytest.approx(2 / 3 - 0.4, abs=0.002)
+        assert any(r.startswith("g: selection rate gap") for r in decision_["reasons"]) == blocked, gap
 
 
 def labelled(n: int, positives_every: int = 5, with_record: bool = True) -> list[dict]:
