@@ -58,6 +58,7 @@ class Settings:
     retention: float | None = None  # seconds of predictions the log keeps (None: all)
     follow: Path | None = None  # an artifacts folder whose champion each worker follows (hot swap)
     reload_seconds: float = 2.0  # how often a worker looks at the champion alias (0: never)
+    model_uri: str | None = None  # models:/NAME@ALIAS in MLflow, mirrored into the artifacts folder (replicas)
     # the server (main)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -212,7 +213,7 @@ def create_app(settings: Settings | str | Path = Settings(), db: str | Path | No
     if settings.fast_path:
         app.wsgi_app = fast_predict(app.wsgi_app, svc)
     if settings.follow and settings.reload_seconds > 0:
-        Follower(svc, settings.follow, settings.reload_seconds, settings.threads).start()
+        Follower(svc, settings.follow, settings.reload_seconds, settings.threads, mirror=settings.model_uri).start()
     return app
 
 
@@ -323,7 +324,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="how often each worker looks for a new champion to swap in (0: never)")
     parser.add_argument("--read-timeout", dest="read_timeout", default=Settings.read_timeout, type=float,
                         help="seconds a client has to send a whole request (then 408)")
-    settings = Settings.from_args(parser.parse_args(argv))
+    parser.add_argument("--model-uri", dest="model_uri", default=os.environ.get("RAREML_MODEL_URI") or None,
+                        help="follow this MLflow alias, models:/NAME@champion (RAREML_MODEL_URI; MLflow at "
+                             "MLFLOW_TRACKING_URI), mirrored into ARTIFACTS: a replica on another machine")
+    args = parser.parse_args(argv)
+    if args.model_uri:
+        try:
+            log.info("champion from %s: %s", args.model_uri, registry.mirror(args.artifacts, args.model_uri))
+        except RareMLError as exc:
+            if registry.version_of(args.artifacts, registry.CHAMPION) is None:
+                raise
+            log.warning("%s: serving the champion mirrored here before, %s", exc,
+                        registry.version_of(args.artifacts, registry.CHAMPION))
+    settings = Settings.from_args(args)
     serve(settings)
 
 

@@ -4,7 +4,8 @@ serve), `challenger` (the newest model, until a gate or a person promotes it) an
 champion before the last promotion, for a rollback) are symbolic links beside them, each changed
 atomically: a link written aside, then renamed over the old one, so a reader sees the old folder or
 the new one, never half of either. When a model was registered in MLflow, its registered-model
-aliases are moved the same way, so `models:/NAME@champion` names the same model.
+aliases are moved the same way, so `models:/NAME@champion` names the same model. An API replica on
+another machine mirrors that MLflow alias into its own folder (`mirror`) and follows it from there.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from rareml.errors import RareMLError
@@ -169,3 +171,48 @@ def sync_mlflow(name: str, versions: dict[str, str | None]) -> dict[str, str]:
         elif version is not None:
             log.warning("model %s is not registered in MLflow as %s: alias %s not moved there", version, name, alias)
     return moved
+
+
+_MODEL_URI = re.compile(r"models:/([^/@]+)@([A-Za-z0-9_-]+)")
+
+
+def mirror(root: Path, uri: str) -> str:
+    """Make the model MLflow names `models:/NAME@ALIAS` the champion of the artifacts folder `root`:
+    downloaded once per version (the registered pyfunc's model folder, plain files: nothing in it is
+    run or unpickled), verified, published, then promoted here (the old champion: `previous`), so
+    the API's workers swap to it as after a local promotion. MLflow is MLFLOW_TRACKING_URI (a
+    tracking server, or a shared store). Returns the version now champion; a RareMLError if the
+    alias cannot be read or does not name a rareml model."""
+    found = _MODEL_URI.fullmatch(uri)
+    if not found:
+        raise RareMLError(f"model URI {uri!r}: expected models:/NAME@ALIAS (e.g. models:/census-income-kdd@champion)")
+    name, alias = found.groups()
+    try:
+        import mlflow
+    except ImportError:
+        raise RareMLError(f"following {uri} needs MLflow, not installed here: pip install -r requirements.txt") from None
+
+    from rareml.tracking import use_tracking_store
+
+    where = use_tracking_store()
+    try:
+        registered = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+    except Exception as exc:  # noqa: BLE001 (unreachable server, unknown name or alias: all say the same)
+        raise RareMLError(f"cannot read {uri} at {where}: {str(exc).splitlines()[0][:300]}") from None
+    version = registered.tags.get("model_version", "")
+    if not _VERSION.fullmatch(version):
+        raise RareMLError(f"{uri} (MLflow version {registered.version}) has no model_version tag: not a rareml model")
+    root = Path(root)
+    if not (root / MODELS / version).is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        download = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{registered.version}",
+                                                dst_path=str(download))
+            published = publish(root, download / "artifacts" / "model")
+        finally:
+            shutil.rmtree(download, ignore_errors=True)
+        if published != version:
+            raise RareMLError(f"{uri} is tagged model_version {version} but holds model {published}")
+    promote(root, version)
+    return version

@@ -351,11 +351,17 @@ class Follower:
     """A worker's watch on the `champion` alias of an artifacts folder (rareml/registry.py): a new
     champion is loaded, its checksums verified, its trees compiled and checked against XGBoost, all
     in this thread while the old model serves, and only then swapped in (`Service.swap`). A model
-    that fails any of it is refused (counted, logged once) and the old one keeps serving."""
+    that fails any of it is refused (counted, logged once) and the old one keeps serving. With
+    `mirror` (models:/NAME@ALIAS, a replica), one worker also brings MLflow's alias into the folder
+    every few looks (registry.mirror); then every worker follows the folder as above."""
 
-    def __init__(self, service: Service, root: Path, seconds: float = 2.0, threads: int | None = None):
+    MIRROR_EVERY = 5  # looks at the alias per look at MLflow's (--model-uri)
+
+    def __init__(self, service: Service, root: Path, seconds: float = 2.0, threads: int | None = None,
+                 mirror: str | None = None):
         self.service, self.root, self.seconds, self.threads = service, Path(root), seconds, threads
         self.refused: str | None = None  # the champion that failed: not tried again until the alias moves
+        self.mirror, self.looks, self.mirror_lock, self.mirror_error = mirror, 0, None, None
 
     def start(self) -> Follower:
         threading.Thread(target=self._run, name="rareml-champion-follower", daemon=True).start()
@@ -371,6 +377,15 @@ class Follower:
 
     def check(self) -> str | None:
         """One look at the alias: 'ok' if a new champion now serves, 'refused' if it failed, else None."""
+        if self.mirror and self.looks % self.MIRROR_EVERY == 0 and self._mirrors():
+            try:
+                registry.mirror(self.root, self.mirror)
+                self.mirror_error = None
+            except Exception as exc:  # noqa: BLE001 (MLflow away, a bad download: the champion here serves)
+                if str(exc) != self.mirror_error:
+                    log.error("cannot mirror %s, %s keeps serving: %s", self.mirror, self.service.served.version, exc)
+                self.mirror_error = str(exc)
+        self.looks += 1
         version = registry.version_of(self.root, registry.CHAMPION)
         if version == self.service.served.version:
             self.refused = None  # the alias came back: a refused version, mended, may be tried again
@@ -391,3 +406,16 @@ class Follower:
         self.service.metrics.reloads.labels("ok").inc()
         log.info("now serving the new champion %s (was %s)", served.version, old)
         return "ok"
+
+    def _mirrors(self) -> bool:
+        """Whether this worker is the one that mirrors MLflow's alias (one per folder: the first to
+        take the lock keeps it while it lives; the others only follow the local alias)."""
+        if self.mirror_lock is None:
+            lock = open(self.root / ".mirror.lock", "w")  # noqa: SIM115 (held for the process's life)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                return False
+            self.mirror_lock = lock
+        return True

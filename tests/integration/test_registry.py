@@ -240,3 +240,55 @@ def _headers(port: int, body: bytes) -> dict[str, str]:
         return dict(response.getheaders())
     finally:
         conn.close()
+
+
+def test_a_replica_mirrors_the_mlflow_alias_and_follows_it(twice, tmp_path):
+    """An API on "another machine": an empty artifacts folder and `--model-uri models:/NAME@champion`
+    over MLflow's registry (MLFLOW_TRACKING_URI). It downloads and serves MLflow's champion; when
+    the alias moves in MLflow, both workers swap to the new model; an unknown alias is a one-line
+    error at start."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.integration.test_gunicorn import Server, call, scrape, total
+
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    client = mlflow.MlflowClient(tracking_uri=str(twice / "mlruns"))
+    by_mlflow = {str(v.version): v.tags["model_version"] for v in client.search_model_versions("name='census-small'")}
+    first, second = by_mlflow["1"], by_mlflow["2"]
+    env = {"MLFLOW_TRACKING_URI": str(twice / "mlruns")}
+    bad = subprocess.run([sys.executable, str(ROOT / "04_serve.py"), "--artifacts", str(tmp_path / "none"),
+                          "--model-uri", "models:/census-small@nope"], capture_output=True, text=True, timeout=120,
+                         env=os.environ | env, check=False)
+    assert bad.returncode == 2 and "cannot read models:/census-small@nope" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+    replica = tmp_path / "replica"
+    server = Server(replica, tmp_path / "log.db", tmp_path / "server.log", "--reload-seconds", "0.4",
+                    "--model-uri", "models:/census-small@champion", env=env)
+    try:
+        server.wait_ready(120)
+        assert json.loads(call(server.port, "GET", "/model")[1])["model_version"] == first
+        assert registry.version_of(replica, "champion") == first and not (replica / "mlruns").exists()
+        client.set_registered_model_alias("census-small", "champion", "2")
+        for _ in range(150):
+            time.sleep(0.2)
+            if total(scrape(server.port), "rareml_model_reloads_total", result="ok") >= 2:
+                break
+        metrics = scrape(server.port)
+        assert total(metrics, "rareml_model_reloads_total", result="ok") == 2  # both workers
+        assert total(metrics, "rareml_model_info", version=first) == 0
+        for _ in range(10):
+            status, body = call(server.port, "POST", "/predict", json.dumps(_record(replica)).encode())
+            assert status == 200 and json.loads(body)["model_version"] == second
+        assert registry.version_of(replica, "champion") == second and registry.version_of(replica, "previous") == first
+        assert sorted(p.name for p in (replica / "models").iterdir()) == sorted([first, second])  # no download left
+    finally:
+        client.set_registered_model_alias("census-small", "champion", "1")
+        server.stop()
+
+
+def _record(root: Path) -> dict:
+    """A record from the served model's own examples (a replica has no data files)."""
+    return json.loads((registry.serving_dir(root) / "examples.json").read_text())["positive"][0]
