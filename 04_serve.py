@@ -373,6 +373,7 @@ def serve(settings: Settings) -> None:
         gc.freeze()
         return app
 
+    master = os.getpid()
     try:
         Server(load, {
             "bind": f"{settings.host}:{settings.port}", "workers": settings.workers, "worker_class": worker,
@@ -380,7 +381,10 @@ def serve(settings: Settings) -> None:
             "child_exit": _child_exit(store_args), "accesslog": None, "errorlog": "-", "loglevel": "info",
             "proc_name": "rareml-serve", "control_socket_disable": True}, lifecycle, settings.drain).run()
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)  # ours: made by _metrics_dir for this server
+        # a worker that exits (SIGTERM, gunicorn's timeout abort) unwinds through here too, from the fork:
+        # only the master removes the folder, or the workers it starts next cannot boot and it stops
+        if os.getpid() == master:
+            shutil.rmtree(metrics_dir, ignore_errors=True)  # ours: made by _metrics_dir for this server
 
 
 if __name__ == "__main__":

@@ -140,6 +140,27 @@ def test_kill_of_a_worker_under_load_loses_no_answered_prediction(start, records
     assert missing(answered, tmp_path / "log.db") == []
 
 
+def test_a_worker_that_exits_is_replaced_and_the_server_keeps_serving(start, records):
+    """A worker's own graceful exit (SIGTERM to it alone, as a group kill or gunicorn's timeout abort
+    gives) once removed the metric files of every worker: the replacement could not boot, and the
+    master stopped the whole API."""
+    server = start()
+    body = json.dumps(records[0]).encode()
+    for round_ in range(2):
+        victim = server.workers()[0]
+        os.kill(victim, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (victim in server.workers() or len(server.workers()) < 2):
+            time.sleep(0.2)
+        assert victim not in server.workers() and len(server.workers()) == 2, f"round {round_}: not replaced"
+        server.wait_ready(30)
+        for _ in range(20):  # both workers, the new one included, answer and count
+            assert call(server.port, "POST", "/predict", body)[0] == 200
+        status, metrics = call(server.port, "GET", "/metrics")
+        assert status == 200 and b"rareml_requests_total" in metrics
+    assert server.proc.poll() is None
+
+
 def test_kill_of_the_whole_server_under_load_loses_no_answered_prediction(start, records, tmp_path):
     server = start()
     with Load(server.port, records) as load:
