@@ -9,6 +9,7 @@ another machine mirrors that MLflow alias into its own folder (`mirror`) and fol
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -75,7 +76,12 @@ def publish(root: Path, model_dir: Path) -> str:
         target.parent.mkdir(parents=True, exist_ok=True)
         aside = target.with_name(f".{version}.{os.getpid()}.partial")
         shutil.copytree(model_dir, aside)
-        os.replace(aside, target)  # a whole folder appears at once
+        try:
+            os.replace(aside, target)  # a whole folder appears at once
+        except OSError:
+            shutil.rmtree(aside, ignore_errors=True)  # ours, just made
+            if not target.is_dir():  # else another process published the same version meanwhile: fine
+                raise
     verify_model_dir(target)
     return version
 
@@ -176,17 +182,21 @@ def sync_mlflow(name: str, versions: dict[str, str | None]) -> dict[str, str]:
 _MODEL_URI = re.compile(r"models:/([^/@]+)@([A-Za-z0-9_-]+)")
 
 
-def mirror(root: Path, uri: str) -> str:
+def mirror(root: Path, uri: str, lock_seconds: float = 120.0) -> str:
     """Make the model MLflow names `models:/NAME@ALIAS` the champion of the artifacts folder `root`:
     downloaded once per version (the registered pyfunc's model folder, plain files: nothing in it is
     run or unpickled), verified, published, then promoted here (the old champion: `previous`), so
     the API's workers swap to it as after a local promotion. MLflow is MLFLOW_TRACKING_URI (a
-    tracking server, or a shared store). Returns the version now champion; a RareMLError if the
-    alias cannot be read or does not name a rareml model."""
+    tracking server, or a shared store); a server that does not answer fails within seconds, not
+    after MLflow's default minutes of retries. One process at a time per folder. Returns the version
+    now champion; a RareMLError if the alias cannot be read or does not name a sound rareml model."""
     found = _MODEL_URI.fullmatch(uri)
     if not found:
         raise RareMLError(f"model URI {uri!r}: expected models:/NAME@ALIAS (e.g. models:/census-income-kdd@champion)")
     name, alias = found.groups()
+    for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
+                       ("MLFLOW_DISABLE_TELEMETRY", "true")):
+        os.environ.setdefault(key, value)
     try:
         import mlflow
     except ImportError:
@@ -198,21 +208,54 @@ def mirror(root: Path, uri: str) -> str:
     try:
         registered = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
     except Exception as exc:  # noqa: BLE001 (unreachable server, unknown name or alias: all say the same)
-        raise RareMLError(f"cannot read {uri} at {where}: {str(exc).splitlines()[0][:300]}") from None
+        raise RareMLError(f"cannot read {uri} at {where}: {_first_line(exc)}") from None
     version = registered.tags.get("model_version", "")
     if not _VERSION.fullmatch(version):
         raise RareMLError(f"{uri} (MLflow version {registered.version}) has no model_version tag: not a rareml model")
     root = Path(root)
-    if not (root / MODELS / version).is_dir():
-        root.mkdir(parents=True, exist_ok=True)
-        download = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
-        try:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{registered.version}",
-                                                dst_path=str(download))
-            published = publish(root, download / "artifacts" / "model")
-        finally:
-            shutil.rmtree(download, ignore_errors=True)
-        if published != version:
-            raise RareMLError(f"{uri} is tagged model_version {version} but holds model {published}")
-    promote(root, version)
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".mirror.lock", lock_seconds):
+        if not (root / MODELS / version).is_dir():
+            download = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
+            try:
+                mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{registered.version}",
+                                                    dst_path=str(download))
+                held = verify_model_dir(download / "artifacts" / "model")["model_version"]
+                if held != version:
+                    raise RareMLError(f"{uri} is tagged model_version {version} but holds model {held}")
+                publish(root, download / "artifacts" / "model")
+            except RareMLError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (network, disk: the champion here keeps serving)
+                raise RareMLError(f"cannot download {uri} (MLflow version {registered.version}): "
+                                  f"{_first_line(exc)}") from None
+            finally:
+                shutil.rmtree(download, ignore_errors=True)  # ours, made above
+        promote(root, version)
     return version
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+@contextlib.contextmanager
+def _locked(path: Path, seconds: float):
+    """An exclusive lock on `path` (fcntl), waited for at most `seconds`."""
+    import fcntl
+    import time
+
+    with open(path, "w") as lock:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RareMLError(f"{path} stayed locked for {seconds:g} s: another process is mirroring") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -411,7 +411,7 @@ class Follower:
         """Whether this worker is the one that mirrors MLflow's alias (one per folder: the first to
         take the lock keeps it while it lives; the others only follow the local alias)."""
         if self.mirror_lock is None:
-            lock = open(self.root / ".mirror.lock", "w")  # noqa: SIM115 (held for the process's life)
+            lock = open(self.root / ".mirroring.lock", "w")  # noqa: SIM115 (held for the process's life)
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

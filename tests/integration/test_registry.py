@@ -16,14 +16,14 @@ import pytest
 from rareml import registry
 from rareml.errors import RareMLError
 from rareml.model import verify_model_dir
-from tests.conftest import run_stage
+from tests.conftest import copy_project, run_stage
 
 
 @pytest.fixture(scope="module")
 def twice(trained, census_small, tmp_path_factory) -> Path:
     """A copy of the trained folder (artifacts and mlruns), serialized a second time."""
     work = tmp_path_factory.mktemp("twice")
-    shutil.copytree(trained, work, dirs_exist_ok=True, symlinks=True)
+    copy_project(trained, work)
     run_stage("03_serialize.py", "--config", str(census_small), "--artifacts", str(work / "artifacts"),
               "--bootstrap", "50", cwd=work)
     return work
@@ -242,7 +242,7 @@ def _headers(port: int, body: bytes) -> dict[str, str]:
         conn.close()
 
 
-def test_a_replica_mirrors_the_mlflow_alias_and_follows_it(twice, tmp_path):
+def test_a_replica_mirrors_the_mlflow_alias_and_follows_it(twice, tmp_path, monkeypatch):
     """An API on "another machine": an empty artifacts folder and `--model-uri models:/NAME@champion`
     over MLflow's registry (MLFLOW_TRACKING_URI). It downloads and serves MLflow's champion; when
     the alias moves in MLflow, both workers swap to the new model; an unknown alias is a one-line
@@ -253,7 +253,7 @@ def test_a_replica_mirrors_the_mlflow_alias_and_follows_it(twice, tmp_path):
     from tests.conftest import ROOT
     from tests.integration.test_gunicorn import Server, call, scrape, total
 
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     client = mlflow.MlflowClient(tracking_uri=str(twice / "mlruns"))
     by_mlflow = {str(v.version): v.tags["model_version"] for v in client.search_model_versions("name='census-small'")}
     first, second = by_mlflow["1"], by_mlflow["2"]
