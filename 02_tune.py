@@ -94,38 +94,51 @@ def make_folds(X: pd.DataFrame, y: np.ndarray, k: int, repeats: int, seed: int,
     return folds
 
 
+# The search space: each number's range (a log scale for those spanning orders of magnitude).
+RANGES = {"max_depth": (2, 10, False), "max_leaves": (4, 256, True), "learning_rate": (0.02, 0.3, True),
+          "min_child_weight": (0.1, 100.0, True), "subsample": (0.5, 1.0, False),
+          "colsample_bytree": (0.3, 1.0, False), "reg_lambda": (1e-3, 1000.0, True), "reg_alpha": (1e-3, 10.0, True)}
+GROW_POLICIES = ("depthwise", "lossguide")
+
+
 def suggest(trial: optuna.Trial, spw_max: float) -> tuple[dict, str]:
     """The search space (XGBoost parameters, categorical encoding). Trees grow level by level to a
     depth, or leaf by leaf to a number of leaves; scale_pos_weight runs from 1 (none) to the
     negative/positive ratio."""
-    if trial.suggest_categorical("grow_policy", ("depthwise", "lossguide")) == "depthwise":
-        trial.suggest_int("max_depth", 2, 10)
-    else:
-        trial.suggest_int("max_leaves", 4, 256, log=True)
-    trial.suggest_float("learning_rate", 0.02, 0.3, log=True)
-    trial.suggest_float("min_child_weight", 0.1, 100.0, log=True)
-    trial.suggest_float("subsample", 0.5, 1.0)
-    trial.suggest_float("colsample_bytree", 0.3, 1.0)
-    trial.suggest_float("reg_lambda", 1e-3, 1000.0, log=True)
-    trial.suggest_float("reg_alpha", 1e-3, 10.0, log=True)
+    size = "max_depth" if trial.suggest_categorical("grow_policy", GROW_POLICIES) == "depthwise" else "max_leaves"
+    for name in (size, "learning_rate", "min_child_weight", "subsample", "colsample_bytree", "reg_lambda", "reg_alpha"):
+        low, high, log_scale = RANGES[name]
+        if isinstance(low, int):
+            trial.suggest_int(name, low, high, log=log_scale)
+        else:
+            trial.suggest_float(name, low, high, log=log_scale)
     trial.suggest_float("scale_pos_weight", 1.0, max(spw_max, 1.0 + 1e-9), log=True)
     trial.suggest_categorical("encoding", ENCODINGS)
     return xgb_params(trial.params), trial.params["encoding"]
 
 
-def warm_start(model_dir: Path, spw_max: float) -> dict:
+def warm_start(model_dir: Path, spw_max: float) -> dict | None:
     """The search-space choices of the model in `model_dir` (its manifest, read as JSON), to try
-    first: a retraining starts from the champion's configuration on the new data."""
+    first: a retraining starts from the champion's configuration on the new data. Numbers are
+    clipped into this search space (a champion of an older one); None, with a warning, when the
+    manifest does not hold such a configuration (the search then starts as for a first model)."""
     manifest = read_json(require(model_dir / "manifest.json", "serialize"))
-    params, size = manifest["params"], "max_depth" if manifest["params"].get("grow_policy") == "depthwise" else "max_leaves"
-    names = ("grow_policy", size, "learning_rate", "min_child_weight", "subsample", "colsample_bytree", "reg_lambda",
-             "reg_alpha", "scale_pos_weight")
-    missing = [n for n in names if n not in params]
-    if missing or manifest.get("encoding") not in ENCODINGS:
-        raise RareMLError(f"--warm-start {model_dir}: its manifest lacks {', '.join(missing) or 'a known encoding'}")
-    start = {n: params[n] for n in names} | {"encoding": manifest["encoding"]}
-    start["scale_pos_weight"] = min(max(float(start["scale_pos_weight"]), 1.0), max(spw_max, 1.0))  # this data's range
-    return start
+    params = manifest.get("params") if isinstance(manifest, dict) else None
+    if not isinstance(params, dict) or params.get("grow_policy") not in GROW_POLICIES \
+            or manifest.get("encoding") not in ENCODINGS:
+        log.warning("--warm-start %s: no grow policy and encoding of this search in its manifest: not used", model_dir)
+        return None
+    size = "max_depth" if params["grow_policy"] == "depthwise" else "max_leaves"
+    start = {"grow_policy": params["grow_policy"]}
+    for name in (size, "learning_rate", "min_child_weight", "subsample", "colsample_bytree", "reg_lambda",
+                 "reg_alpha", "scale_pos_weight"):
+        value = params.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+            log.warning("--warm-start %s: %s is %r in its manifest: not used", model_dir, name, value)
+            return None
+        low, high = (1.0, max(spw_max, 1.0)) if name == "scale_pos_weight" else RANGES[name][:2]
+        start[name] = type(low)(min(max(value, low), high))
+    return start | {"encoding": manifest["encoding"]}
 
 
 def xgb_params(chosen: dict) -> dict:
@@ -286,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner,
                                 study_name=f"{config.name}-xgboost")
-    first = [warm_start(args.warm_start, objective.spw_max)] if args.warm_start else []
+    first = [w for w in [warm_start(args.warm_start, objective.spw_max) if args.warm_start else None] if w]
     starts = first + [s for s in STARTS if s not in first]
     for start in starts[:args.n_trials]:  # with fewer trials allowed than starts, enqueue only those that run
         study.enqueue_trial(start)

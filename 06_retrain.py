@@ -65,7 +65,7 @@ def retrain_once(config: Config, root: Path, db: Path, budget: float, alert: dic
     tags = [f"retrain.alert={(alert or {}).get('alertname', 'manual')}", f"retrain.parent={champion}",
             f"retrain.run={run_dir.name}"]
     importlib.import_module("02_tune").main([*common, "--time-budget", str(budget), "--started-at", str(started),
-                           "--warm-start", str(registry.serving_dir(root)), *[a for t in tags for a in ("--tag", t)]])
+                           "--warm-start", str(root / registry.MODELS / champion), *[a for t in tags for a in ("--tag", t)]])
     importlib.import_module("03_serialize").main([*common, "--registry", str(root)] + ([] if use_mlflow else ["--no-mlflow"]))
     challenger = read_json(run_dir / "serialized.json")["model_version"]
     new = load_model(root / registry.MODELS / challenger)  # verified: the published copy, not the run's folder

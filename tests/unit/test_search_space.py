@@ -87,11 +87,16 @@ def test_a_warm_start_is_the_champions_point_of_the_search_space(start, tmp_path
         tune.suggest(optuna.trial.FixedTrial(warm), spw_max=15.0)
 
 
-def test_a_warm_start_without_the_parameters_is_named(tmp_path):
+def test_a_warm_start_the_search_cannot_use_is_clipped_or_skipped_with_a_warning(tmp_path, caplog):
     import json
 
-    from rareml.errors import RareMLError
+    def warm(params: dict, encoding: str = "native") -> dict | None:
+        (tmp_path / "manifest.json").write_text(json.dumps({"params": params, "encoding": encoding}))
+        return tune.warm_start(tmp_path, spw_max=3.0)
 
-    (tmp_path / "manifest.json").write_text(json.dumps({"params": {"grow_policy": "depthwise"}, "encoding": "native"}))
-    with pytest.raises(RareMLError, match="its manifest lacks max_depth, learning_rate"):
-        tune.warm_start(tmp_path, spw_max=3.0)
+    older = tune.STARTS[0] | {"learning_rate": 0.9, "max_depth": 14}  # a champion of a wider search
+    assert warm(older) == tune.STARTS[0] | {"learning_rate": 0.3, "max_depth": 10}
+    assert warm({"grow_policy": "depthwise"}) is None and "max_depth is None" in caplog.text
+    assert warm(tune.STARTS[0] | {"subsample": float("nan")}) is None and "subsample is nan" in caplog.text
+    assert warm(tune.STARTS[0] | {"grow_policy": "oblivious"}) is None
+    assert warm(tune.STARTS[0], encoding="onehot") is None and "not used" in caplog.text
