@@ -138,7 +138,7 @@ def replay(client: Client, records: list[dict], labels: list[int], rate: float, 
         for i in range(total):
             pause = start + i / rate - time.monotonic()
             if pause > 0 and stop.wait(pause) or stop.is_set():
-                total = i
+                pool.shutdown(wait=True, cancel_futures=True)  # what a slow API left queued is not sent
                 break
             pool.submit(predict, i)
             pool.submit(send_due, time.monotonic())
@@ -147,7 +147,8 @@ def replay(client: Client, records: list[dict], labels: list[int], rate: float, 
     while due and time.monotonic() < end + 1:
         time.sleep(min(0.2, max(0.0, due[0][0] - time.monotonic())))
         send_due(time.monotonic())
-    return {"sent": total, "seconds": round(time.monotonic() - start, 1), **dict(sorted(statuses.items()))}
+    sent = sum(n for outcome, n in statuses.items() if outcome.startswith("predict"))
+    return {"sent": sent, "seconds": round(time.monotonic() - start, 1), **dict(sorted(statuses.items()))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,8 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     log.info("%s: %d rows at %.0f/s for %.0f s to %s (features %s), labels after %.0f s", args.scenario, len(rows),
              args.rate, args.seconds, args.url, ",".join(features), args.feedback_delay)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    for sig in (signal.SIGTERM, signal.SIGINT):  # set from another thread: the handler may interrupt stop.wait()
+        signal.signal(sig, lambda *_: threading.Thread(target=stop.set).start())
     summary = replay(Client(args.url), to_records(rows, schema), rows[LABEL].astype(int).tolist(), args.rate,
                      args.seconds, args.feedback_delay, args.feedback_share, args.concurrency, args.seed, stop)
     print(json.dumps({"scenario": args.scenario, "features": features, **summary}))

@@ -186,8 +186,10 @@ def gate(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, decisions:
         old, new = (group_gaps(y, d, values, n_boot, seed) for d in decisions)
         fairness[attribute] = {"champion": old, "challenger": new}
         for kind, gap in new.items():
-            # evidence, not noise: its 95% interval lies above the bound, and it is wider than the champion's
-            if gap["low"] is not None and gap["low"] > fairness_bound and not gap["value"] <= (old[kind]["value"] or 0):
+            # evidence, not noise: its 95% interval lies above the bound (no interval: the gap itself),
+            # and it is wider than the champion's
+            sure = gap["low"] if gap["low"] is not None else gap["value"]
+            if sure is not None and sure > fairness_bound and not gap["value"] <= (old[kind]["value"] or 0):
                 reasons.append(f"{attribute}: {kind.replace('_', ' ')} gap {gap['value']:.3f} [{gap['low']:.3f}, "
                                f"{gap['high']:.3f}] above the bound {fairness_bound:g} (champion: "
                                f"{old[kind]['value'] if old[kind]['value'] is not None else float('nan'):.3f})")

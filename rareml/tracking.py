@@ -119,3 +119,17 @@ def ui_command(uri: str) -> str:
     """The command that opens the MLflow UI on these runs (a plain folder needs the file-store opt-in)."""
     opt_in = "" if is_database(uri) else "MLFLOW_ALLOW_FILE_STORE=true "
     return f"{opt_in}.venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def copy_file_store(src: Path, dst: Path) -> None:
+    """Copy a file tracking store (./mlruns) to `dst`, its absolute artifact locations rewritten to
+    point into the copy: runs logged to the copy then keep their artifacts there, not in `src`."""
+    import shutil
+
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    shutil.copytree(src, dst, symlinks=True)
+    for meta in dst.rglob("meta.yaml"):
+        text = meta.read_text(encoding="utf-8")
+        moved = text.replace(src.as_uri(), dst.as_uri()).replace(str(src), str(dst))
+        if moved != text:
+            meta.write_text(moved, encoding="utf-8")

@@ -3,6 +3,7 @@ session by the real stage scripts (few trials, 3 folds) for the data and model t
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -28,6 +29,17 @@ def run_stage(script: str, *args: str, cwd: Path, check: bool = True, timeout: i
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def copy_project(src: Path, dst: Path) -> Path:
+    """A copy of a trained project folder (artifacts with their alias links, and ./mlruns with its
+    artifact locations moved into the copy, so runs logged there leave `src` as it was)."""
+    from rareml.tracking import copy_file_store
+
+    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True, ignore=shutil.ignore_patterns("mlruns"))
+    if (src / "mlruns").is_dir():
+        copy_file_store(src / "mlruns", dst / "mlruns")
+    return dst
 
 
 CENSUS_CONFIG = """

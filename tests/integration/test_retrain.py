@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from rareml import registry
 from rareml.features import to_records
 from rareml.model import load_model
 from rareml.store import Store
-from tests.conftest import ROOT, run_stage
+from tests.conftest import ROOT, copy_project, run_stage
 from tests.integration.test_registry import aliases_in_mlflow
 
 pytestmark = pytest.mark.integration
@@ -40,7 +39,7 @@ def seeded(trained: Path, tmp_path: Path, production: pd.DataFrame, invert_train
     and received their labels; with `invert_training_labels`, all but the newest rows get the
     wrong label (a challenger made worse on purpose)."""
     work = tmp_path / "work"
-    shutil.copytree(trained, work, symlinks=True)
+    copy_project(trained, work)
     root = work / "artifacts"
     model = load_model(registry.serving_dir(root))
     client = importlib.import_module("04_serve").create_app(registry.serving_dir(root), root / "serving" /

@@ -138,3 +138,17 @@ def test_a_split_is_logged_with_its_fingerprint_source_context_and_data_file(tra
     }
     logged = mlflow.types.Schema.from_json(json.dumps(json.loads(train.schema)["mlflow_colspec"]))
     assert logged == mlflow.models.infer_signature(data).inputs
+
+
+def test_a_copied_file_store_keeps_its_artifacts_in_the_copy(tmp_path):
+    from rareml.tracking import copy_file_store
+
+    src = tmp_path / "mlruns"
+    (src / "1" / "abc").mkdir(parents=True)
+    (src / "1" / "meta.yaml").write_text(f"artifact_location: {src / '1'}\nname: x\n")
+    (src / "1" / "abc" / "meta.yaml").write_text(f"artifact_uri: {(src / '1' / 'abc').as_uri()}/artifacts\n")
+    copy_file_store(src, tmp_path / "copy")
+    dst = (tmp_path / "copy").resolve()
+    assert (dst / "1" / "meta.yaml").read_text() == f"artifact_location: {dst / '1'}\nname: x\n"
+    assert (dst / "1" / "abc" / "meta.yaml").read_text() == f"artifact_uri: {(dst / '1' / 'abc').as_uri()}/artifacts\n"
+    assert str(src) in (src / "1" / "meta.yaml").read_text()  # the original is untouched
