@@ -150,3 +150,28 @@ def test_the_watcher_runs_each_queued_alert_once_and_records_the_outcome(trained
     assert retrains[0]["started"] == retrains[1]["started"] and retrains[0]["attempts"] == 1
     assert retrains[0]["detail"]["alert"] == {"alertname": "RareMLDataDrift", "alerts": [
         "f1@2026-12-02T00:00:00Z", "f2@2026-12-02T00:00:00Z"]}
+
+
+def test_a_crashed_or_overrun_retraining_is_recorded_failed_and_the_watcher_carries_on(trained, census_small,
+                                                                                     production, tmp_path):
+    """The data file gone (the retraining fails with the reason), then a retraining stopped past
+    its budget: both recorded as failed, the champion as it was, and the watcher goes on."""
+    work = seeded(trained, tmp_path, production)
+    root = work / "artifacts"
+    champion = registry.version_of(root, "champion")
+    store = Store(root / "serving" / "predictions.db", 1)
+    alert = {"status": "firing", "labels": {"alertname": "RareMLDataDrift", "retrain": "true"}, "fingerprint": "f"}
+    config = config_with(census_small, tmp_path, "min_new_labels = 300\ncooldown_seconds = 0\n")
+    gone = tmp_path / "gone.toml"
+    gone.write_text(config.read_text().replace(str(census_small.parent / "census_small.parquet"), str(tmp_path / "x.parquet")))
+    watch = ["--artifacts", str(root), "--watch", "--poll", "0.2", "--max-polls", "2", "--no-mlflow"]
+    assert store.add_alerts([alert | {"startsAt": "t0"}]) == 1
+    run_stage("06_retrain.py", "--config", str(gone), *watch, cwd=work, timeout=300)
+    assert store.add_alerts([alert | {"startsAt": "t1"}]) == 1
+    run_stage("06_retrain.py", "--config", str(config), *watch, "--budget", "10", "--overrun", "0", cwd=work,
+              timeout=300)
+    first, second = store.retrains()[::-1]
+    assert first["outcome"] == second["outcome"] == "failed"
+    assert first["detail"]["reason"] == f"data file not found: {tmp_path / 'x.parquet'}"
+    assert second["detail"]["reason"] == "ran past its budget (10 s + 0 s): stopped"
+    assert registry.version_of(root, "champion") == champion and registry.version_of(root, "previous") is None

@@ -7,10 +7,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rareml.config import RetrainPolicy, load_config
 from rareml import metrics
+from rareml.config import RetrainPolicy, load_config
 from rareml.retrain import (
-    NotEnoughLabels, Production, gate, group_gaps, production_rows, retraining_tables, weight_column)
+    NotEnoughLabels,
+    Production,
+    gate,
+    group_gaps,
+    production_rows,
+    retraining_tables,
+    weight_column,
+)
 from rareml.store import Store
 
 RNG = np.random.default_rng(0)
