@@ -99,6 +99,7 @@ RANGES = {"max_depth": (2, 10, False), "max_leaves": (4, 256, True), "learning_r
           "min_child_weight": (0.1, 100.0, True), "subsample": (0.5, 1.0, False),
           "colsample_bytree": (0.3, 1.0, False), "reg_lambda": (1e-3, 1000.0, True), "reg_alpha": (1e-3, 10.0, True)}
 GROW_POLICIES = ("depthwise", "lossguide")
+SEARCHED = ("learning_rate", "min_child_weight", "subsample", "colsample_bytree", "reg_lambda", "reg_alpha")
 
 
 def suggest(trial: optuna.Trial, spw_max: float) -> tuple[dict, str]:
@@ -106,7 +107,7 @@ def suggest(trial: optuna.Trial, spw_max: float) -> tuple[dict, str]:
     depth, or leaf by leaf to a number of leaves; scale_pos_weight runs from 1 (none) to the
     negative/positive ratio."""
     size = "max_depth" if trial.suggest_categorical("grow_policy", GROW_POLICIES) == "depthwise" else "max_leaves"
-    for name in (size, "learning_rate", "min_child_weight", "subsample", "colsample_bytree", "reg_lambda", "reg_alpha"):
+    for name in (size, *SEARCHED):
         low, high, log_scale = RANGES[name]
         if isinstance(low, int):
             trial.suggest_int(name, low, high, log=log_scale)
@@ -130,8 +131,7 @@ def warm_start(model_dir: Path, spw_max: float) -> dict | None:
         return None
     size = "max_depth" if params["grow_policy"] == "depthwise" else "max_leaves"
     start = {"grow_policy": params["grow_policy"]}
-    for name in (size, "learning_rate", "min_child_weight", "subsample", "colsample_bytree", "reg_lambda",
-                 "reg_alpha", "scale_pos_weight"):
+    for name in (size, *SEARCHED, "scale_pos_weight"):
         value = params.get(name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
             log.warning("--warm-start %s: %s is %r in its manifest: not used", model_dir, name, value)

@@ -332,10 +332,10 @@ def main(argv: list[str] | None = None) -> None:
         try:
             log.info("champion from %s: %s", args.model_uri, registry.mirror(args.artifacts, args.model_uri))
         except RareMLError as exc:
-            if registry.version_of(args.artifacts, registry.CHAMPION) is None:
+            before = registry.version_of(args.artifacts, registry.CHAMPION)
+            if before is None:
                 raise
-            log.warning("%s: serving the champion mirrored here before, %s", exc,
-                        registry.version_of(args.artifacts, registry.CHAMPION))
+            log.warning("%s: serving the champion mirrored here before, %s", exc, before)
     settings = Settings.from_args(args)
     serve(settings)
 
