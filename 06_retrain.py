@@ -152,10 +152,11 @@ def run_child(args: argparse.Namespace, claimed: list[dict]) -> dict:
                "--alert", json.dumps(alert), "--fairness-bound",
                str(args.fairness_bound), "--bootstrap", str(args.bootstrap)] + (["--no-mlflow"] if args.no_mlflow else [])
     log.info("retraining for %s", ", ".join(alert["alerts"]))
+    leash = max(args.budget + args.overrun, 0.1)
     try:
-        done = subprocess.run(command, timeout=args.budget + args.overrun, check=False)
+        done = subprocess.run(command, timeout=leash, check=False)
     except subprocess.TimeoutExpired:
-        return {"outcome": "failed", "reason": f"ran past its budget ({args.budget:.0f} s + {args.overrun:.0f} s): stopped"}
+        return {"outcome": "failed", "reason": f"ran past its budget of {args.budget:.0f} s: stopped after {leash:.1f} s"}
     if out.exists():
         return read_json(out)
     return {"outcome": "failed", "reason": f"the retraining exited with status {done.returncode}"}
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--watch", action="store_true", help="wait for retrain alerts and retrain on each")
     parser.add_argument("--poll", type=float, default=10.0, help="seconds between looks at the queue (--watch)")
     parser.add_argument("--max-polls", type=int, default=None, help=argparse.SUPPRESS)  # tests: a bounded watch
-    parser.add_argument("--overrun", type=float, default=OVERRUN_S, help=argparse.SUPPRESS)  # tests: a short leash
+    parser.add_argument("--overrun", type=float, default=OVERRUN_S, help=argparse.SUPPRESS)  # tests: a short (even negative) leash
     args = parser.parse_args(argv)
     config = load_config(args.config)
     args.artifacts = args.artifacts.resolve()

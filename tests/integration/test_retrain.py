@@ -168,10 +168,10 @@ def test_a_crashed_or_overrun_retraining_is_recorded_failed_and_the_watcher_carr
     assert store.add_alerts([alert | {"startsAt": "t0"}]) == 1
     run_stage("06_retrain.py", "--config", str(gone), *watch, cwd=work, timeout=300)
     assert store.add_alerts([alert | {"startsAt": "t1"}]) == 1
-    run_stage("06_retrain.py", "--config", str(config), *watch, "--budget", "10", "--overrun", "0", cwd=work,
+    run_stage("06_retrain.py", "--config", str(config), *watch, "--budget", "10", "--overrun", "-9.5", cwd=work,
               timeout=300)
     first, second = store.retrains()[::-1]
     assert first["outcome"] == second["outcome"] == "failed"
     assert first["detail"]["reason"] == f"data file not found: {tmp_path / 'x.parquet'}"
-    assert second["detail"]["reason"] == "ran past its budget (10 s + 0 s): stopped"
+    assert second["detail"]["reason"] == "ran past its budget of 10 s: stopped after 0.5 s"
     assert registry.version_of(root, "champion") == champion and registry.version_of(root, "previous") is None
