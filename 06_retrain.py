@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rareml import registry, retrain
 from rareml.artifacts import read_json, write_json
-from rareml.cli import run, stage_parser
+from rareml.cli import require, run, stage_parser
 from rareml.config import Config, load_config
 from rareml.errors import RareMLError
 from rareml.model import load_model
@@ -37,12 +37,16 @@ from rareml.store import Store
 log = logging.getLogger("06_retrain")
 HERE = Path(__file__).resolve().parent
 OVERRUN_S = 300.0  # the watcher stops a retraining this long past its budget (then: failed)
+RUN, GATE_ROWS = "run.json", "gate_rows.json"  # what the steps hand each other in runs/<time>/
 
 
-def retrain_once(config: Config, root: Path, db: Path, budget: float, alert: dict | None = None,
-                 fairness_bound: float = FAIRNESS_BOUND, n_boot: int = 1000, use_mlflow: bool = True) -> dict:
-    """One retraining, end to end; returns its outcome (also in runs/<time>/outcome.json).
-    NotEnoughLabels when the policy finds too few labelled production rows (nothing trained)."""
+STEPS = ("snapshot", "train", "gate", "promote")  # one retraining, in this order (the Airflow DAG's tasks)
+
+
+def snapshot(config: Config, root: Path, db: Path, alert: dict | None = None) -> Path:
+    """Step 1: the retraining's data from the champion's training rows and the labelled production
+    rows of the log, into a new runs/<time>/ (data.parquet, gate.parquet, run.json); returns that
+    folder. NotEnoughLabels when the policy finds too few labelled production rows."""
     started = time.time()
     champion = registry.version_of(root, registry.CHAMPION)
     if champion is None:
@@ -58,41 +62,78 @@ def retrain_once(config: Config, root: Path, db: Path, budget: float, alert: dic
     table, gate_table = retrain.retraining_tables(config, retrain.original_training_rows(config), production)
     table.to_parquet(run_dir / "data.parquet")
     gate_table.to_parquet(run_dir / "gate.parquet")
+    write_json(run_dir / GATE_ROWS, production.gate)
+    write_json(run_dir / RUN, {"started": started, "champion": champion, "alert": alert})
+    return run_dir
+
+
+def train(config: Config, root: Path, run_dir: Path, budget: float, use_mlflow: bool = True) -> str:
+    """Step 2: the same stage code as make all (01_prepare, 02_tune warm-started from the champion,
+    03_serialize) in this process, into run_dir; the budget counts from the snapshot. Returns the
+    challenger's version."""
+    run = read_json(run_dir / RUN)
     common = ["--config", str(config.path), "--artifacts", str(run_dir)]
     # the stages' own main(argv), as make runs them (this script's folder is on sys.path, as for every stage)
     importlib.import_module("01_prepare").main([*common, "--data", str(run_dir / "data.parquet"),
                               "--test-data", str(run_dir / "gate.parquet"), "--weight", retrain.weight_column(config)])
-    tags = [f"retrain.alert={(alert or {}).get('alertname', 'manual')}", f"retrain.parent={champion}",
+    tags = [f"retrain.alert={(run['alert'] or {}).get('alertname', 'manual')}", f"retrain.parent={run['champion']}",
             f"retrain.run={run_dir.name}"]
-    importlib.import_module("02_tune").main([*common, "--time-budget", str(budget), "--started-at", str(started),
-                           "--warm-start", str(root / registry.MODELS / champion), *[a for t in tags for a in ("--tag", t)]])
+    importlib.import_module("02_tune").main([*common, "--time-budget", str(budget), "--started-at", str(run["started"]),
+                           "--warm-start", str(root / registry.MODELS / run["champion"]),
+                           *[a for t in tags for a in ("--tag", t)]])
     importlib.import_module("03_serialize").main([*common, "--registry", str(root)] + ([] if use_mlflow else ["--no-mlflow"]))
+    return read_json(run_dir / "serialized.json")["model_version"]
+
+
+def gate(config: Config, root: Path, run_dir: Path, fairness_bound: float = FAIRNESS_BOUND,
+         n_boot: int = 1000) -> dict:
+    """Step 3: champion and challenger scored on the gate set as the API scores them; the decision
+    and its evidence to run_dir/gate.json and gates/<challenger>.json. Decides, promotes nothing."""
+    run = read_json(run_dir / RUN)
     challenger = read_json(run_dir / "serialized.json")["model_version"]
-    new = load_model(root / registry.MODELS / challenger)  # verified: the published copy, not the run's folder
-    y = retrain.labels(production.gate)
-    records = [r["record"] for r in production.gate]
-    p_old, p_new = old.predict_proba(records), new.predict_proba(records)  # as the API scores them
+    old = load_model(root / registry.MODELS / run["champion"])
+    new = load_model(root / registry.MODELS / challenger)  # verified: the published copies, not the run's folder
+    rows = read_json(run_dir / GATE_ROWS)
+    y = retrain.labels(rows)
+    records = [r["record"] for r in rows]
+    p_old, p_new = old.predict_proba(records), new.predict_proba(records)
     decision = retrain.gate(y, p_old, p_new, (p_old >= old.threshold, p_new >= new.threshold),
                             retrain.groups_of(records, new.schema.sensitive), config.retrain, fairness_bound,
                             n_boot=n_boot, seed=config.seed)
-    decision |= {"champion": champion, "challenger": challenger, "alert": alert, "run": run_dir.name,
+    decision |= {"champion": run["champion"], "challenger": challenger, "alert": run["alert"], "run": run_dir.name,
                  "decided_at": datetime.now(UTC).isoformat(timespec="seconds")}
     write_json(run_dir / "gate.json", decision)
     write_json(root / registry.GATES / f"{challenger}.json", decision)
-    if decision["promote"]:
-        registry.promote(root, challenger)
-    outcome = {"outcome": "promoted" if decision["promote"] else "rejected", "champion": champion,
-               "challenger": challenger, "run": str(run_dir), "reasons": decision["reasons"],
-               "average_precision": decision["average_precision"], "seconds": round(time.time() - started, 1)}
-    if use_mlflow:
-        tag_versions(config.name, decision)
-    write_json(run_dir / "outcome.json", outcome)
     ap = decision["average_precision"]
     log.info("gate: challenger %s AP %.4f vs champion %s AP %.4f on %d rows (%d positive): difference %+.4f "
-             "[%+.4f, %+.4f]: %s", challenger, ap["challenger"]["value"], champion, ap["champion"]["value"],
+             "[%+.4f, %+.4f]: %s", challenger, ap["challenger"]["value"], run["champion"], ap["champion"]["value"],
              decision["rows"], decision["positives"], ap["difference"]["value"], ap["difference"]["low"],
-             ap["difference"]["high"], "PROMOTED" if decision["promote"] else "rejected: " + "; ".join(decision["reasons"]))
+             ap["difference"]["high"], "PROMOTE" if decision["promote"] else "reject: " + "; ".join(decision["reasons"]))
+    return decision
+
+
+def promote(config: Config, root: Path, run_dir: Path, use_mlflow: bool = True) -> dict:
+    """Step 4: the gate's decision carried out (the champion alias moves only if it passed; again
+    is a no-op), the MLflow tags set; returns the outcome (also run_dir/outcome.json)."""
+    run, decision = read_json(run_dir / RUN), read_json(run_dir / "gate.json")
+    if decision["promote"]:
+        registry.promote(root, decision["challenger"])
+    if use_mlflow:
+        tag_versions(config.name, decision)
+    outcome = {"outcome": "promoted" if decision["promote"] else "rejected", "champion": decision["champion"],
+               "challenger": decision["challenger"], "run": str(run_dir), "reasons": decision["reasons"],
+               "average_precision": decision["average_precision"], "seconds": round(time.time() - run["started"], 1)}
+    write_json(run_dir / "outcome.json", outcome)
     return outcome
+
+
+def retrain_once(config: Config, root: Path, db: Path, budget: float, alert: dict | None = None,
+                 fairness_bound: float = FAIRNESS_BOUND, n_boot: int = 1000, use_mlflow: bool = True) -> dict:
+    """One retraining, end to end: the four steps in one process; returns its outcome."""
+    run_dir = snapshot(config, root, db, alert)
+    train(config, root, run_dir, budget, use_mlflow)
+    gate(config, root, run_dir, fairness_bound, n_boot)
+    return promote(config, root, run_dir, use_mlflow)
 
 
 def tag_versions(name: str, decision: dict) -> None:
@@ -162,7 +203,7 @@ def run_child(args: argparse.Namespace, claimed: list[dict]) -> dict:
     return {"outcome": "failed", "reason": f"the retraining exited with status {done.returncode}"}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--db", type=Path, help="the API's prediction log (default: ARTIFACTS/serving/predictions.db)")
     parser.add_argument("--budget", type=float, default=None,
@@ -174,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
     parser.add_argument("--outcome", type=Path, help=argparse.SUPPRESS)  # where a watcher's child writes it
     parser.add_argument("--watch", action="store_true", help="wait for retrain alerts and retrain on each")
+    parser.add_argument("--step", choices=STEPS, help="run one step only (snapshot first, then each on its --run)")
+    parser.add_argument("--run", type=Path, help="the runs/<time> folder the snapshot step made (--step)")
     parser.add_argument("--poll", type=float, default=10.0, help="seconds between looks at the queue (--watch)")
     parser.add_argument("--max-polls", type=int, default=None, help=argparse.SUPPRESS)  # tests: a bounded watch
     parser.add_argument("--overrun", type=float, default=OVERRUN_S, help=argparse.SUPPRESS)  # tests: a short (even negative) leash
@@ -184,7 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     args.budget = args.budget or config.retrain.budget_seconds
     if args.watch:
         watch(args, config, args.db_path)
-        return
+        return None
+    if args.step:
+        result = run_step(args, config)
+        print(json.dumps(result))
+        return result
     try:
         alert = json.loads(args.alert) if args.alert else None
     except json.JSONDecodeError as exc:
@@ -207,6 +254,29 @@ def main(argv: list[str] | None = None) -> None:
         print(f"challenger:   {outcome['challenger']} (champion {'now' if outcome['outcome'] == 'promoted' else 'still'} "
               f"{outcome['challenger'] if outcome['outcome'] == 'promoted' else outcome['champion']})\n"
               f"evidence:     {outcome['run']}/gate.json")
+    return outcome
+
+
+def run_step(args: argparse.Namespace, config: Config) -> dict:
+    """--step: one of the four steps on its own (the Airflow DAG runs them as tasks); a small dict
+    of what it made (paths, versions), for the next step."""
+    if args.step == "snapshot":
+        try:
+            alert = json.loads(args.alert) if args.alert else None
+        except json.JSONDecodeError as exc:
+            raise RareMLError(f"--alert is not JSON: {exc}") from None
+        return {"run": str(snapshot(config, args.artifacts, args.db_path, alert))}
+    if args.run is None:
+        raise RareMLError(f"--step {args.step} needs --run, the folder the snapshot step made")
+    run_dir = require(args.run.resolve() / RUN, "retrain (--step snapshot)").parent
+    if args.step == "train":
+        return {"run": str(run_dir), "challenger": train(config, args.artifacts, run_dir, args.budget,
+                                                         not args.no_mlflow)}
+    if args.step == "gate":
+        decision = gate(config, args.artifacts, run_dir, args.fairness_bound, args.bootstrap)
+        return {"run": str(run_dir), "challenger": decision["challenger"], "promote": decision["promote"]}
+    outcome = promote(config, args.artifacts, run_dir, not args.no_mlflow)
+    return {k: outcome[k] for k in ("run", "outcome", "champion", "challenger")}
 
 
 if __name__ == "__main__":
