@@ -31,6 +31,7 @@ from rareml.cli import run
 from rareml.errors import InputError, RareMLError
 from rareml.model import verify_model_dir
 from rareml.monitoring import FAIRNESS_BOUND
+from rareml.orchestrator import Airflow
 from rareml.service import INTERNAL_ERROR, ApiError, Follower, Served, Service, query_int
 from rareml.store import Store
 from rareml.telemetry import Metrics
@@ -53,6 +54,7 @@ class Settings:
     max_batch: int = MAX_BATCH
     threads: int | None = None  # XGBoost threads per batch prediction (cores / workers)
     alert_token: str | None = None  # the shared secret of POST /alerts (RAREML_ALERT_TOKEN)
+    orchestrator: Airflow | None = None  # RAREML_AIRFLOW_URL: retrain alerts start an Airflow DAG run
     fairness_bound: float = FAIRNESS_BOUND
     fast_path: bool = True  # plain POST /predict without Flask (RAREML_FAST_PATH=0 turns it off)
     retention: float | None = None  # seconds of predictions the log keeps (None: all)
@@ -73,10 +75,14 @@ class Settings:
         given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
         model_dir = registry.serving_dir(args.artifacts)  # the champion (rareml/registry.py)
         champion = registry.version_of(args.artifacts, registry.CHAMPION)
+        db = args.db or args.artifacts / "serving" / "predictions.db"
         return cls(**given | {
-            "model_dir": model_dir, "follow": args.artifacts if champion else None, "db": args.db or args.artifacts / "serving" / "predictions.db",
+            "model_dir": model_dir, "follow": args.artifacts if champion else None, "db": db,
             "threads": max(1, (os.cpu_count() or 1) // args.workers),
             "alert_token": environ.get("RAREML_ALERT_TOKEN") or None,
+            # the retraining DAG works on what this API serves and logs
+            "orchestrator": Airflow.from_env(environ, {"artifacts": str(Path(args.artifacts).resolve()),
+                                                       "db": str(Path(db).resolve())}),
             "fast_path": environ.get("RAREML_FAST_PATH", "1") not in ("0", "false", "no"),
             "retention": args.retention_days * 86400 if args.retention_days else None})
 
@@ -198,7 +204,7 @@ def create_app(settings: Settings | str | Path = Settings(), db: str | Path | No
     served = Served.load(settings.model_dir, settings.threads)
     store = Store(settings.db, len(served.model.schema.names), retention=settings.retention)
     svc = Service(served, store, Metrics(served.model, settings.fairness_bound), settings.window, settings.refresh,
-                  settings.max_batch, settings.alert_token,
+                  settings.max_batch, settings.alert_token, settings.orchestrator,
                   draining=(lambda: lifecycle.draining) if lifecycle is not None else None,
                   lock_path=Path(settings.db).with_suffix(".lock"))
     app = Flask("rareml")
@@ -362,6 +368,9 @@ def serve(settings: Settings) -> None:
              settings.worker_threads, settings.db)
     if not settings.alert_token:
         log.info("RAREML_ALERT_TOKEN is not set: the /alerts webhook answers 503")
+    elif settings.orchestrator:
+        log.info("retrain alerts start the Airflow DAG %s at %s (the embedded queue if it cannot be reached)",
+                 settings.orchestrator.dag_id, settings.orchestrator.url)
     lifecycle = Lifecycle()
     worker = type("Worker", (BufferedWorker,), {"read_timeout": settings.read_timeout, "max_body": MAX_BODY})
 

@@ -13,7 +13,7 @@ WORKERS ?= 2
 export MLFLOW_DISABLE_TELEMETRY ?= true
 STAGE_ARGS = --config $(CONFIG) --artifacts $(ARTIFACTS)
 
-.PHONY: help setup lint all prepare tune serialize serve promote rollback retrain retrain-watch gui space publish-space simulate monitor monitor-stop test benchmark bench-serve bench-loop peers mlflow-ui clean
+.PHONY: help setup lint all prepare tune serialize serve promote rollback retrain retrain-watch airflow-setup airflow airflow-stop gui space publish-space simulate monitor monitor-stop test benchmark bench-serve bench-loop peers mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -66,6 +66,19 @@ retrain: setup ## 06: one retraining on the labelled production rows (RETRAIN_BU
 retrain-watch: setup ## 06 --watch: retrain on each retrain="true" alert the API queues (one at a time, cooldown)
 	$(PY) 06_retrain.py $(RETRAIN_ARGS) --watch
 
+AIRFLOW_PORT ?= 18080
+$(VENV)/.airflow-installed: $(VENV)/.installed requirements-airflow.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-airflow.txt
+	@touch $@
+
+airflow-setup: setup $(VENV)/.airflow-installed ## install Apache Airflow 3 into .venv (requirements-airflow.txt; not in the API image)
+
+airflow: airflow-setup ## Airflow on http://127.0.0.1:AIRFLOW_PORT (18080): DAGs rareml_train, rareml_retrain unpaused; prints the login
+	$(PY) orchestration/airflow_stack.py start --port $(AIRFLOW_PORT)
+
+airflow-stop: ## stop what make airflow started (by PID)
+	$(PY) orchestration/airflow_stack.py stop
+
 gui: PORT = 7860
 gui: setup ## the Gradio GUI on http://127.0.0.1:PORT (7860), over ARTIFACTS/model (RAREML_API_URL: score via the API)
 	$(PY) app.py --artifacts $(ARTIFACTS) --port $(PORT)
@@ -91,7 +104,7 @@ monitor: setup ## Prometheus (19090) and Alertmanager (19093) on this machine ov
 monitor-stop: ## stop what make monitor started (by PID)
 	$(PY) monitoring/stack.py stop
 
-test: setup ## the test suite (unit, data, model, api, integration tiers)
+test: setup airflow-setup ## the test suite (unit, data, model, api, integration tiers; Airflow's DAGs included)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 benchmark: setup ## time and memory per stage on the default dataset (within BUDGET seconds)

@@ -38,3 +38,24 @@ def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+PROJECT = Path(__file__).resolve().parent.parent  # the folder holding the numbered stage scripts
+
+
+def call_stage(script: str, argv: list[str]):
+    """Run a stage script's own main(argv) (e.g. "02_tune") in this process, from the project
+    folder as make runs it, and return what it returns. For orchestrators (the Airflow DAGs):
+    the same code as `make`, never a second implementation."""
+    import importlib
+    import os
+
+    if str(PROJECT) not in sys.path:
+        sys.path.insert(0, str(PROJECT))
+    module = importlib.import_module(script)
+    here = os.getcwd()
+    os.chdir(PROJECT)  # relative defaults (configs/, mlruns) mean what they mean under make
+    try:
+        return module.main(argv)
+    finally:
+        os.chdir(here)

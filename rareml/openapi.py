@@ -258,11 +258,16 @@ def _alert_schemas() -> dict:
     retrain = _object({"id": {"type": "integer"}, "alertname": STRING, "alert": STRING, "queued": NUMBER,
                        "started": {"type": ["number", "null"]}, "finished": {"type": ["number", "null"]},
                        "attempts": {"type": "integer"},
-                       "outcome": {"enum": ["promoted", "rejected", "not_enough_labels", "failed", None]},
+                       "outcome": {"enum": ["promoted", "rejected", "not_enough_labels", "failed", "airflow", None]},
                        "detail": {"type": ["object", "null"]}}, description="A retraining asked for by a "
-                      "retrain=\"true\" alert (06_retrain.py --watch runs it), and how it ended.")
+                      "retrain=\"true\" alert (06_retrain.py --watch runs it, or Airflow's rareml_retrain: outcome "
+                      "airflow until that run ends, detail naming the run), and how it ended.")
+    handed = _object({"result": {"enum": ["created", "exists", "failed"]}, "dag_run_id": STRING, "reason": STRING},
+                     ["result"], description="With RAREML_AIRFLOW_URL set: the Airflow run of these alerts "
+                     "(created; exists: a repeat; failed: queued for the embedded watcher instead).")
     recorded = _object({"recorded": {"type": "integer"}, "retrains_queued": {
-        "type": "integer", "description": "Firing retrain=\"true\" alerts new to the queue (a repeat is not)."}})
+        "type": "integer", "description": "Firing retrain=\"true\" alerts new to the queue (a repeat is not)."},
+        "airflow": handed}, ["recorded", "retrains_queued"])
     return {"Alert": alert, "AlertmanagerWebhook": webhook, "AlertsRecorded": recorded,
             "AlertList": _object({"alerts": {"type": "array", "items": stored, "description": "Latest first."},
                                   "retrains": {"type": "array", "items": retrain, "description": "Latest first."}})}

@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from rareml import monitoring, registry
+from rareml import monitoring, orchestrator, registry
 from rareml.errors import InputError, RareMLError
 from rareml.features import RecordEncoder
 from rareml.model import Model, load_model
+from rareml.orchestrator import Airflow
 from rareml.scoring import explanation
 from rareml.store import (
     RAW_COLUMNS,
@@ -35,6 +36,7 @@ from rareml.store import (
     LogUnavailable,
     Store,
     UnknownPrediction,
+    alert_key,
     pack_request,
 )
 from rareml.telemetry import Metrics, observe_many
@@ -107,6 +109,7 @@ class Service:
     refresh: float = 5.0
     max_batch: int = 5000
     alert_token: str | None = None
+    orchestrator: Airflow | None = None  # RAREML_AIRFLOW_URL: retrain alerts start an Airflow run
     draining: object = None  # a callable: True once the server is shutting down (/ready says so)
     lock_path: Path | None = None
     _refreshed: float = 0.0
@@ -204,7 +207,8 @@ class Service:
     def receive_alerts(self, body: bytes, authorization: str) -> dict:
         """POST /alerts: Alertmanager's webhook."""
         self.authorize(authorization)
-        alerts = alert_payload(parse_json(body))
+        payload = parse_json(body)
+        alerts = alert_payload(payload)
         try:
             queued = self.store.add_alerts(alerts)
         except LogUnavailable as exc:
@@ -213,7 +217,44 @@ class Service:
             self.metrics.alerts.labels(alert["labels"]["alertname"], alert["status"]).inc()
             log.warning("alert %s %s: %s", alert["labels"]["alertname"], alert["status"],
                         alert.get("annotations", {}).get("summary", ""))
-        return {"recorded": len(alerts), "retrains_queued": queued}
+        answer = {"recorded": len(alerts), "retrains_queued": queued}
+        if self.orchestrator is not None:
+            answer |= self.hand_off(payload.get("groupKey"), alerts)
+        return answer
+
+    def hand_off(self, group_key: object, alerts: list[dict]) -> dict:
+        """The new retrain alerts of one notification, as one Airflow run (its id from the group's
+        key and first start, so a repeat is a 409); on any failure they stay queued for the
+        watcher and the failure is counted: an alert is never dropped."""
+        wanted = [a for a in alerts if a["status"] == "firing" and a["labels"].get("retrain") == "true"]
+        if not wanted:
+            return {}
+        starts = min(str(a.get("startsAt", "")) for a in wanted)
+        group = group_key if isinstance(group_key, str) and group_key else ",".join(sorted(map(alert_key, wanted)))
+        dag_run_id = orchestrator.run_id(group, starts)
+        detail = {"dag_id": self.orchestrator.dag_id, "dag_run_id": dag_run_id}
+        try:
+            keys = self.store.hand_off(list(dict.fromkeys(map(alert_key, wanted))), detail)
+        except LogUnavailable as exc:  # recorded and queued above: the watcher will see them
+            log.warning("retrain alerts not handed to Airflow (the log cannot be written): %s", exc)
+            return {"airflow": {"result": "failed", "reason": "log_unavailable"}}
+        if not keys:  # every one already handed off or claimed: a repeated notification
+            return {"airflow": {"result": "exists", "dag_run_id": dag_run_id}}
+        conf = {"alert": {"alertname": ", ".join(sorted({a["labels"]["alertname"] for a in wanted})),
+                          "alerts": keys, "group_key": group}, "alert_keys": keys}
+        try:
+            result = self.orchestrator.trigger(dag_run_id, conf)
+        except orchestrator.OrchestratorUnavailable as exc:
+            self.metrics.handoffs.labels("failed").inc()
+            try:
+                self.store.release(keys)
+            except LogUnavailable as again:  # the alerts themselves are recorded; say what to do
+                log.error("retrain alerts %s neither handed to Airflow nor queued again: %s", keys, again)
+            log.warning("retraining queued for the embedded watcher: %s", exc)
+            return {"airflow": {"result": "failed", "reason": str(exc)}}
+        self.metrics.handoffs.labels(result).inc()
+        log.warning("retraining handed to Airflow: %s run %s (%s)", self.orchestrator.dag_id, dag_run_id, result)
+        return {"airflow": {"result": result, "dag_run_id": dag_run_id}}
 
     def list_alerts(self, authorization: str, limit: str | None) -> dict:
         """GET /alerts: the latest alerts received."""

@@ -163,6 +163,11 @@ class LogUnavailable(RuntimeError):
         self.reason = reason
 
 
+
+def alert_key(alert: dict) -> str:
+    """What makes one alert one retraining: its fingerprint (else its name) and when it started."""
+    return f"{alert.get('fingerprint') or alert['labels']['alertname']}@{alert.get('startsAt')}"
+
 class Store:
     """One SQLite file; safe to use from several processes and threads."""
 
@@ -522,9 +527,28 @@ class Store:
                   json.dumps(a["labels"]), json.dumps(a.get("annotations", {}))) for a in alerts])
             before = conn.total_changes
             conn.executemany("INSERT OR IGNORE INTO retrains (alert_key, alertname, queued) VALUES (?, ?, ?)",
-                             [(f"{a.get('fingerprint') or a['labels']['alertname']}@{a.get('startsAt')}",
-                               a["labels"]["alertname"], now) for a in wanted])
+                             [(alert_key(a), a["labels"]["alertname"], now) for a in wanted])
             return conn.total_changes - before
+
+    def hand_off(self, keys: list[str], detail: dict) -> list[str]:
+        """Claim for an orchestrator the queued retrainings of these alert keys that no watcher has
+        claimed (outcome 'airflow', `detail` naming the run): returns their keys. The orchestrator
+        records the final outcome later (finish_retrain by key); release() queues them again."""
+        with self._transaction() as conn:
+            mine = [r[0] for r in conn.execute(
+                f"SELECT alert_key FROM retrains WHERE started IS NULL AND finished IS NULL AND alert_key IN "
+                f"({', '.join('?' * len(keys))}) ORDER BY seq", keys)]
+            now = time.time()
+            conn.executemany("UPDATE retrains SET started = ?, finished = ?, attempts = attempts + 1, "
+                             "outcome = 'airflow', detail = ? WHERE alert_key = ?",
+                             [(now, now, json.dumps(detail), k) for k in mine])
+            return mine
+
+    def release(self, keys: list[str]) -> None:
+        """Queue again for the watcher what hand_off marked, when the orchestrator could not take it."""
+        with self._transaction() as conn:
+            conn.executemany("UPDATE retrains SET started = NULL, finished = NULL, outcome = NULL, detail = NULL, "
+                             "attempts = attempts - 1 WHERE alert_key = ? AND outcome = 'airflow'", [(k,) for k in keys])
 
     # -- the retraining queue (06_retrain.py --watch) --------------------------------------------
 
@@ -544,10 +568,11 @@ class Store:
                              [(now, c["id"]) for c in claimed])
             return claimed
 
-    def finish_retrain(self, ids: list[int], outcome: str, detail: dict) -> None:
-        """Record how the retraining of these queued alerts ended."""
+    def finish_retrain(self, ids: list[int] | list[str], outcome: str, detail: dict) -> None:
+        """Record how the retraining of these queued alerts ended (ids, or alert keys: strings)."""
+        column = "alert_key" if ids and isinstance(ids[0], str) else "seq"
         with self._transaction() as conn:
-            conn.executemany("UPDATE retrains SET finished = ?, outcome = ?, detail = ? WHERE seq = ?",
+            conn.executemany(f"UPDATE retrains SET finished = ?, outcome = ?, detail = ? WHERE {column} = ?",
                              [(time.time(), outcome, json.dumps(detail, default=str), i) for i in ids])
 
     def retrains(self, limit: int = 100) -> list[dict]:

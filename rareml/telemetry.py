@@ -76,8 +76,11 @@ class Metrics:
         self.alerts = Counter("rareml_alerts_received", "Alerts received on the /alerts webhook",
                               ["alertname", "status"], **reg)
         self.retrains = Gauge("rareml_retrains", "Retrainings asked for by retrain=\"true\" alerts, by outcome (queued, "
-                              "running, promoted, rejected, not_enough_labels, failed), from the log", ["outcome"],
-                              **latest)
+                              "running, airflow, promoted, rejected, not_enough_labels, failed), from the log",
+                              ["outcome"], **latest)
+        self.handoffs = Counter("rareml_orchestrator_triggers", "Retrainings handed to Airflow (RAREML_AIRFLOW_URL) "
+                                "by result: created, exists (a repeated alert), failed (queued for the watcher)",
+                                ["result"], **reg)
         self.refreshed = Gauge("rareml_monitor_refresh_timestamp_seconds", "When the window gauges were computed",
                                **latest)
         self.refresh_failures = Counter("rareml_monitor_refresh_failures", "Scrapes whose window gauges could not "

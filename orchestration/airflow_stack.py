@@ -1,0 +1,193 @@
+"""Apache Airflow 3 on this machine for the project's DAGs (dags/): the API server (UI and REST
+API), the scheduler (LocalExecutor) and the DAG processor, on 127.0.0.1 with AIRFLOW_HOME in
+.airflow/ (ignored by git), SQLite metadata, the simple auth manager with one user, DAGs unpaused
+at creation. `make airflow` / `make airflow-stop`; the tests use the same code.
+
+  python orchestration/airflow_stack.py start [--port 18080]   (RAREML_AIRFLOW_PASSWORD: the login's)
+  python orchestration/airflow_stack.py stop
+
+Needs Airflow in the venv: `make airflow-setup` (requirements-airflow.txt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as `python orchestration/airflow_stack.py`: the project beside it
+    sys.path.insert(0, str(ROOT))
+from rareml.processes import stop_group, wait_http
+
+HOME = ROOT / ".airflow"
+PORT = 18080  # not Airflow's 8080
+USER = "admin"
+DAGS = ("rareml_train", "rareml_retrain")
+PROCESSES = ("api-server", "scheduler", "dag-processor")
+
+
+@dataclass(frozen=True)
+class Airflow:
+    url: str
+    username: str
+    password: str
+    pids: dict[str, int]
+
+
+def airflow_binary() -> str:
+    path = Path(sys.executable).parent / "airflow"
+    if not path.exists():
+        raise SystemExit("error: Airflow is not installed in this venv: run `make airflow-setup`")
+    return str(path)
+
+
+def _secret(home: Path, name: str, value: str | None = None) -> str:
+    """A secret kept in a private file of AIRFLOW_HOME (made once; `value` replaces it)."""
+    path = home / name
+    if value is None and path.exists():
+        return path.read_text().strip()
+    value = value or secrets.token_urlsafe(24)
+    path.touch(mode=0o600)
+    path.write_text(value)
+    return value
+
+
+def environment(home: Path = HOME, port: int = PORT, password: str | None = None) -> dict[str, str]:
+    """What every Airflow process (and dag.test() in the tests) is started with."""
+    home.mkdir(parents=True, exist_ok=True)
+    password = _secret(home, "admin_password", password or os.environ.get("RAREML_AIRFLOW_PASSWORD"))
+    passwords = home / "passwords.json"
+    passwords.touch(mode=0o600)
+    passwords.write_text(json.dumps({USER: password}))
+    return dict(os.environ) | {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "2",  # two cores
+        "AIRFLOW__CORE__AUTH_MANAGER":
+            "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API_AUTH__JWT_SECRET": _secret(home, "jwt_secret"),  # the same in every process
+        "AIRFLOW__API__SECRET_KEY": _secret(home, "secret_key"),
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "20",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "NO_COLOR": "1",
+    }
+
+
+def token(url: str, username: str, password: str) -> str:
+    request = urllib.request.Request(f"{url}/auth/token", json.dumps({"username": username, "password": password})
+                                     .encode(), {"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())["access_token"]
+
+
+def get(url: str, path: str, bearer: str) -> dict:
+    request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {bearer}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def wait_dags(url: str, bearer: str, seconds: float = 180) -> dict:
+    """Until the DAG processor has parsed both DAGs (unpaused): {dag_id: is_paused}."""
+    deadline, seen = time.monotonic() + seconds, {}
+    while time.monotonic() < deadline:
+        try:
+            seen = {d["dag_id"]: d["is_paused"] for d in get(url, "/api/v2/dags?limit=100", bearer)["dags"]}
+        except (OSError, ValueError):
+            pass
+        if all(d in seen for d in DAGS):
+            return seen
+        time.sleep(1)
+    raise RuntimeError(f"the DAGs {', '.join(DAGS)} were not parsed within {seconds:g} s (seen: {sorted(seen)}); "
+                       f"see {HOME}/dag-processor.log")
+
+
+def spawn(name: str, command: list[str], env: dict, home: Path) -> subprocess.Popen:
+    log = home / f"{name}.log"
+    proc = subprocess.Popen(command, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
+                            cwd=ROOT, start_new_session=True)
+    (home / f"{name}.pid").write_text(str(proc.pid))
+    return proc
+
+
+def start(home: Path = HOME, port: int = PORT, password: str | None = None, seconds: float = 240) -> Airflow:
+    """Migrate the metadata database, start the three processes, wait until the API answers and
+    both DAGs are parsed."""
+    stop(home)
+    env = environment(home, port, password)
+    binary = airflow_binary()
+    migrate = subprocess.run([binary, "db", "migrate"], env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=600, check=False)
+    if migrate.returncode:
+        raise RuntimeError(f"airflow db migrate failed:\n{migrate.stdout[-1500:]}{migrate.stderr[-1500:]}")
+    procs = {"api-server": spawn("api-server", [binary, "api-server", "--host", "127.0.0.1", "--port", str(port),
+                                                "--workers", "1"], env, home),
+             "scheduler": spawn("scheduler", [binary, "scheduler"], env, home),
+             "dag-processor": spawn("dag-processor", [binary, "dag-processor"], env, home)}
+    url = f"http://127.0.0.1:{port}"
+    password = _secret(home, "admin_password")
+    try:
+        wait_http(f"{url}/api/v2/monitor/health", procs["api-server"], seconds=seconds,
+                  log=home / "api-server.log")
+        wait_dags(url, token(url, USER, password), seconds=seconds)
+    except (RuntimeError, OSError) as exc:
+        stop(home)
+        raise RuntimeError(str(exc)) from None
+    return Airflow(url, USER, password, {name: p.pid for name, p in procs.items()})
+
+
+def stop(home: Path = HOME) -> list[str]:
+    """Stop what `start` started, by the PIDs it wrote; returns which were running."""
+    stopped = []
+    for name in PROCESSES:
+        pid_file = home / f"{name}.pid"
+        if not pid_file.exists():
+            continue
+        stop_group(int(pid_file.read_text()), seconds=20)
+        pid_file.unlink()
+        stopped.append(name)
+    return stopped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("start", "stop"))
+    parser.add_argument("--port", type=int, default=PORT, help="the API server's (UI and REST API) port")
+    args = parser.parse_args()
+    if args.action == "stop":
+        stopped = stop()
+        print(f"Airflow stopped ({', '.join(stopped)})" if stopped else "Airflow was not running")
+        return
+    if shutil.which("airflow", path=str(Path(sys.executable).parent)) is None:
+        airflow_binary()
+    try:
+        airflow = start(port=args.port)
+    except RuntimeError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"Airflow UI:   {airflow.url} (login {airflow.username} / {airflow.password})\n"
+          f"DAGs:         {', '.join(DAGS)} (unpaused)\n"
+          f"the API:      RAREML_AIRFLOW_URL={airflow.url} RAREML_AIRFLOW_PASSWORD={airflow.password} make serve\n"
+          f"logs, PIDs:   {HOME}\nstop with:    make airflow-stop")
+
+
+if __name__ == "__main__":
+    main()
