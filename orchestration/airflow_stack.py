@@ -5,6 +5,7 @@ at creation. `make airflow` / `make airflow-stop`; the tests use the same code.
 
   python orchestration/airflow_stack.py start [--port 18080]   (RAREML_AIRFLOW_PASSWORD: the login's)
   python orchestration/airflow_stack.py stop
+  python orchestration/airflow_stack.py run --host 0.0.0.0 --port 8080   (a container: in the foreground)
 
 Needs Airflow in the venv: `make airflow-setup` (requirements-airflow.txt).
 """
@@ -14,7 +15,6 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -61,7 +61,8 @@ def _secret(home: Path, name: str, value: str | None = None) -> str:
     return value
 
 
-def environment(home: Path = HOME, port: int = PORT, password: str | None = None) -> dict[str, str]:
+def environment(home: Path = HOME, port: int = PORT, password: str | None = None,
+                host: str = "127.0.0.1") -> dict[str, str]:
     """What every Airflow process (and dag.test() in the tests) is started with."""
     home.mkdir(parents=True, exist_ok=True)
     password = _secret(home, "admin_password", password or os.environ.get("RAREML_AIRFLOW_PASSWORD"))
@@ -80,7 +81,7 @@ def environment(home: Path = HOME, port: int = PORT, password: str | None = None
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__HOST": host,
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
         "AIRFLOW__API__WORKERS": "1",
@@ -129,17 +130,18 @@ def spawn(name: str, command: list[str], env: dict, home: Path) -> subprocess.Po
     return proc
 
 
-def start(home: Path = HOME, port: int = PORT, password: str | None = None, seconds: float = 240) -> Airflow:
+def start(home: Path = HOME, port: int = PORT, password: str | None = None, seconds: float = 240,
+          host: str = "127.0.0.1") -> Airflow:
     """Migrate the metadata database, start the three processes, wait until the API answers and
     both DAGs are parsed."""
     stop(home)
-    env = environment(home, port, password)
+    env = environment(home, port, password, host)
     binary = airflow_binary()
     migrate = subprocess.run([binary, "db", "migrate"], env=env, cwd=ROOT, capture_output=True, text=True,
                              timeout=600, check=False)
     if migrate.returncode:
         raise RuntimeError(f"airflow db migrate failed:\n{migrate.stdout[-1500:]}{migrate.stderr[-1500:]}")
-    procs = {"api-server": spawn("api-server", [binary, "api-server", "--host", "127.0.0.1", "--port", str(port),
+    procs = {"api-server": spawn("api-server", [binary, "api-server", "--host", host, "--port", str(port),
                                                 "--workers", "1"], env, home),
              "scheduler": spawn("scheduler", [binary, "scheduler"], env, home),
              "dag-processor": spawn("dag-processor", [binary, "dag-processor"], env, home)}
@@ -168,21 +170,46 @@ def stop(home: Path = HOME) -> list[str]:
     return stopped
 
 
+def foreground(airflow: Airflow, home: Path = HOME) -> None:
+    """Wait while all three run; on SIGTERM or when one exits, stop them all."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        while all(not _exited(pid) for pid in airflow.pids.values()):
+            time.sleep(2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(home)
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("start", "stop"))
+    parser.add_argument("action", choices=("start", "stop", "run"), help="run: start, then stay in the foreground "
+                        "until one of the processes exits or SIGTERM comes (a container's command)")
     parser.add_argument("--port", type=int, default=PORT, help="the API server's (UI and REST API) port")
+    parser.add_argument("--host", default="127.0.0.1", help="the API server's address (0.0.0.0 in a container)")
     args = parser.parse_args()
     if args.action == "stop":
         stopped = stop()
         print(f"Airflow stopped ({', '.join(stopped)})" if stopped else "Airflow was not running")
         return
-    if shutil.which("airflow", path=str(Path(sys.executable).parent)) is None:
-        airflow_binary()
     try:
-        airflow = start(port=args.port)
+        airflow = start(port=args.port, host=args.host)
     except RuntimeError as exc:
         sys.exit(f"error: {exc}")
+    if args.action == "run":
+        print(f"Airflow on {args.host}:{args.port}, DAGs {', '.join(DAGS)}; login {airflow.username}", flush=True)
+        foreground(airflow)
+        return
     print(f"Airflow UI:   {airflow.url} (login {airflow.username} / {airflow.password})\n"
           f"DAGs:         {', '.join(DAGS)} (unpaused)\n"
           f"the API:      RAREML_AIRFLOW_URL={airflow.url} RAREML_AIRFLOW_PASSWORD={airflow.password} make serve\n"

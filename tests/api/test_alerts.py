@@ -89,3 +89,32 @@ def test_firing_retrain_alerts_are_queued_once_each_and_listed(webhook):
         ("RareMLDataDrift", "abc123@2026-11-27T09:00:00Z", None, None),
         ("RareMLDataDrift", "abc123@2026-11-26T16:00:00Z", None, None)]
     assert scrape(webhook)[("rareml_retrains", (("outcome", "queued"),))] == 2
+
+
+def test_with_airflow_unreachable_a_retrain_alert_stays_queued_for_the_watcher_and_the_failure_is_counted(make_app):
+    from rareml.orchestrator import Airflow
+    from rareml.processes import free_port
+
+    down = Airflow(f"http://127.0.0.1:{free_port()}", "admin", "pw", timeout=1.0)  # nothing listens there
+    client = make_app(alert_token=TOKEN, orchestrator=down).test_client()
+    answer = client.post("/alerts", json=payload(alert(retrain="true")), headers=AUTH)
+    assert answer.status_code == 200, answer.get_json()
+    body = answer.get_json()
+    assert body["retrains_queued"] == 1 and body["airflow"]["result"] == "failed"
+    assert "cannot be reached" in body["airflow"]["reason"]
+    queued = client.get("/alerts", headers=AUTH).get_json()["retrains"]
+    assert [(r["outcome"], r["started"], r["attempts"]) for r in queued] == [(None, None, 0)]  # the watcher's to claim
+    assert scrape(client)[("rareml_orchestrator_triggers_total", (("result", "failed"),))] == 1
+    # a second delivery of the same alert: still one queued retraining, Airflow asked again
+    again = client.post("/alerts", json=payload(alert(retrain="true")), headers=AUTH).get_json()
+    assert again["retrains_queued"] == 0 and again["airflow"]["result"] == "failed"
+    assert len(client.get("/alerts", headers=AUTH).get_json()["retrains"]) == 1
+
+
+def test_alerts_without_retrain_label_never_reach_airflow(make_app):
+    from rareml.orchestrator import Airflow
+
+    never = Airflow("http://127.0.0.1:9", "admin", "pw", timeout=1.0)
+    client = make_app(alert_token=TOKEN, orchestrator=never).test_client()
+    body = client.post("/alerts", json=payload(alert()), headers=AUTH).get_json()
+    assert body == {"recorded": 1, "retrains_queued": 0}
