@@ -5,6 +5,7 @@ at creation. `make airflow` / `make airflow-stop`; the tests use the same code.
 
   python orchestration/airflow_stack.py start [--port 18080]   (RAREML_AIRFLOW_PASSWORD: the login's)
   python orchestration/airflow_stack.py stop
+  python orchestration/airflow_stack.py status   (exit 1 unless both DAGs are parsed, unpaused, error-free)
   python orchestration/airflow_stack.py run --host 0.0.0.0 --port 8080   (a container: in the foreground)
 
 Needs Airflow in the venv: `make airflow-setup` (requirements-airflow.txt).
@@ -170,6 +171,22 @@ def stop(home: Path = HOME) -> list[str]:
     return stopped
 
 
+def status(url: str, home: Path = HOME) -> int:
+    """Print the DAGs (paused or not) and import errors; 0 if both DAGs are there, unpaused, error-free."""
+    try:
+        bearer = token(url, USER, _secret(home, "admin_password"))
+        dags = {d["dag_id"]: d["is_paused"] for d in get(url, "/api/v2/dags?limit=100", bearer)["dags"]}
+        errors = get(url, "/api/v2/importErrors", bearer)["import_errors"]
+    except (OSError, ValueError) as exc:
+        print(f"error: Airflow at {url} does not answer ({exc}): make airflow")
+        return 1
+    for dag_id in DAGS:
+        print(f"{dag_id}: {'missing' if dag_id not in dags else 'paused' if dags[dag_id] else 'unpaused'}")
+    for error in errors:
+        print(f"import error in {error.get('filename')}: {error.get('stack_trace', '')[-500:]}")
+    return 0 if all(dags.get(d) is False for d in DAGS) and not errors else 1
+
+
 def foreground(airflow: Airflow, home: Path = HOME) -> None:
     """Wait while all three run; on SIGTERM or when one exits, stop them all."""
     import signal
@@ -193,8 +210,8 @@ def _exited(pid: int) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("start", "stop", "run"), help="run: start, then stay in the foreground "
-                        "until one of the processes exits or SIGTERM comes (a container's command)")
+    parser.add_argument("action", choices=("start", "stop", "run", "status"), help="run: start, then stay in the "
+                        "foreground until one of the processes exits or SIGTERM comes (a container's command)")
     parser.add_argument("--port", type=int, default=PORT, help="the API server's (UI and REST API) port")
     parser.add_argument("--host", default="127.0.0.1", help="the API server's address (0.0.0.0 in a container)")
     args = parser.parse_args()
@@ -202,6 +219,8 @@ def main() -> None:
         stopped = stop()
         print(f"Airflow stopped ({', '.join(stopped)})" if stopped else "Airflow was not running")
         return
+    if args.action == "status":
+        sys.exit(status(f"http://127.0.0.1:{args.port}"))
     try:
         airflow = start(port=args.port, host=args.host)
     except RuntimeError as exc:
