@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rareml import registry, retrain
 from rareml.artifacts import read_json, write_json
-from rareml.cli import require, run, stage_parser
+from rareml.cli import run, stage_parser
 from rareml.config import Config, load_config
 from rareml.errors import RareMLError
 from rareml.model import load_model
@@ -116,6 +116,12 @@ def promote(config: Config, root: Path, run_dir: Path, use_mlflow: bool = True) 
     """Step 4: the gate's decision carried out (the champion alias moves only if it passed; again
     is a no-op), the MLflow tags set; returns the outcome (also run_dir/outcome.json)."""
     run, decision = read_json(run_dir / RUN), read_json(run_dir / "gate.json")
+    now = registry.version_of(root, registry.CHAMPION)
+    if decision["promote"] and now not in (run["champion"], decision["challenger"]):  # judged against another
+        decision |= {"promote": False, "reasons": [f"the champion changed from {run['champion']} to {now} after "
+                                                   "the snapshot: the gate judged against the old one"]}
+        write_json(run_dir / "gate.json", decision)
+        write_json(root / registry.GATES / f"{decision['challenger']}.json", decision)
     if decision["promote"]:
         registry.promote(root, decision["challenger"])
     if use_mlflow:
@@ -268,7 +274,10 @@ def run_step(args: argparse.Namespace, config: Config) -> dict:
         return {"run": str(snapshot(config, args.artifacts, args.db_path, alert))}
     if args.run is None:
         raise RareMLError(f"--step {args.step} needs --run, the folder the snapshot step made")
-    run_dir = require(args.run.resolve() / RUN, "retrain (--step snapshot)").parent
+    run_dir = args.run.resolve()
+    if not (run_dir / RUN).is_file():
+        raise RareMLError(f"{args.run} is not a retraining's folder (no {RUN}): give --run the folder that "
+                          "--step snapshot printed")
     if args.step == "train":
         return {"run": str(run_dir), "challenger": train(config, args.artifacts, run_dir, args.budget,
                                                          not args.no_mlflow)}

@@ -163,10 +163,10 @@ class LogUnavailable(RuntimeError):
         self.reason = reason
 
 
-
 def alert_key(alert: dict) -> str:
     """What makes one alert one retraining: its fingerprint (else its name) and when it started."""
     return f"{alert.get('fingerprint') or alert['labels']['alertname']}@{alert.get('startsAt')}"
+
 
 class Store:
     """One SQLite file; safe to use from several processes and threads."""

@@ -61,6 +61,9 @@ def test_a_stage_before_its_inputs_names_the_target_to_run(tmp_path, script, fir
 @pytest.mark.parametrize("extra, message", [
     ((), "no champion in"),  # nothing trained yet
     (("--alert", "{not json"), "--alert is not JSON"),
+    (("--step", "snapshot"), "no champion in"),
+    (("--step", "train"), "--step train needs --run"),
+    (("--step", "gate", "--run", "nowhere"), "nowhere is not a retraining's folder"),
 ])
 def test_retrain_refuses_bad_input_in_one_line(tmp_path, extra, message):
     dataset(tmp_path)

@@ -19,6 +19,7 @@ from rareml.retrain import (
     weight_column,
 )
 from rareml.store import Store
+from tests.conftest import ROOT
 
 RNG = np.random.default_rng(0)
 N = 2000
@@ -183,3 +184,27 @@ def test_the_retraining_table_keeps_the_configs_weights_and_weighs_production_ro
     assert table["w"].tolist() == [1.0, 3.0, 6.0, 6.0] and gate_table["w"].tolist() == [1.0]
     assert table["y"].tolist() == ["no", "yes", "no", "yes"] and gate_table["y"].tolist() == ["no"]
     assert table["code"].tolist() == ["1", "2", "new", "new"] and table["x"].tolist() == [1.5, 2.0, 5.0, 5.0]
+
+
+def test_the_promote_step_refuses_a_verdict_against_a_champion_that_has_changed_since_the_snapshot(tmp_path):
+    """Airflow runs the steps apart: someone may promote by hand between the snapshot and the end."""
+    import importlib
+    import json
+    import os
+
+    stage = importlib.import_module("06_retrain")
+    root, run_dir = tmp_path / "artifacts", tmp_path / "artifacts" / "runs" / "20261201T100000Z"
+    run_dir.mkdir(parents=True)
+    (root / "gates").mkdir()
+    old, challenger, by_hand = "a" * 12, "b" * 12, "c" * 12
+    os.symlink(f"models/{by_hand}", root / "champion")  # moved after the snapshot
+    (run_dir / "run.json").write_text(json.dumps({"started": 0.0, "champion": old, "alert": None}))
+    ap = {"value": 0.5, "low": 0.4, "high": 0.6}
+    (run_dir / "gate.json").write_text(json.dumps({"promote": True, "reasons": [], "champion": old,
+                                                   "challenger": challenger, "average_precision": {
+                                                       "champion": ap, "challenger": ap, "difference": ap}}))
+    outcome = stage.promote(load_config(ROOT / "configs" / "credit_data.toml"), root, run_dir, use_mlflow=False)
+    assert outcome["outcome"] == "rejected" and "champion changed" in outcome["reasons"][0]
+    assert os.readlink(root / "champion") == f"models/{by_hand}"  # untouched
+    assert json.loads((run_dir / "gate.json").read_text())["promote"] is False
+    assert json.loads((root / "gates" / f"{challenger}.json").read_text())["reasons"] == outcome["reasons"]
