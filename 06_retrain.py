@@ -118,8 +118,8 @@ def promote(config: Config, root: Path, run_dir: Path, use_mlflow: bool = True) 
     run, decision = read_json(run_dir / RUN), read_json(run_dir / "gate.json")
     now = registry.version_of(root, registry.CHAMPION)
     if decision["promote"] and now not in (run["champion"], decision["challenger"]):  # judged against another
-        decision |= {"promote": False, "reasons": [f"the champion changed from {run['champion']} to {now} after "
-                                                   "the snapshot: the gate judged against the old one"]}
+        reason = f"the champion changed from {run['champion']} to {now} after the snapshot: judged against the old one"
+        decision |= {"promote": False, "reasons": [reason]}
         write_json(run_dir / "gate.json", decision)
         write_json(root / registry.GATES / f"{decision['challenger']}.json", decision)
     if decision["promote"]:
