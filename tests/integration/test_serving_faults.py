@@ -205,11 +205,11 @@ def small_disk(tmp_path):
 def fill(folder: Path) -> Path:
     """A file taking every free byte of `folder`'s filesystem."""
     filler = folder / "filler"
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: nothing left to flush (and fail) at close
         try:
             for _ in range(10_000):
-                f.write(b"\0" * 65536)
-                f.flush()
+                if not f.write(b"\0" * 65536):
+                    break
         except OSError:
             pass
     return filler
