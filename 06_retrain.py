@@ -102,14 +102,19 @@ def gate(config: Config, root: Path, run_dir: Path, fairness_bound: float = FAIR
                             n_boot=n_boot, seed=config.seed)
     decision |= {"champion": run["champion"], "challenger": challenger, "alert": run["alert"], "run": run_dir.name,
                  "decided_at": datetime.now(UTC).isoformat(timespec="seconds")}
-    write_json(run_dir / "gate.json", decision)
-    write_json(root / registry.GATES / f"{challenger}.json", decision)
+    record_decision(root, run_dir, decision)
     ap = decision["average_precision"]
     log.info("gate: challenger %s AP %.4f vs champion %s AP %.4f on %d rows (%d positive): difference %+.4f "
              "[%+.4f, %+.4f]: %s", challenger, ap["challenger"]["value"], run["champion"], ap["champion"]["value"],
              decision["rows"], decision["positives"], ap["difference"]["value"], ap["difference"]["low"],
              ap["difference"]["high"], "PROMOTE" if decision["promote"] else "reject: " + "; ".join(decision["reasons"]))
     return decision
+
+
+def record_decision(root: Path, run_dir: Path, decision: dict) -> None:
+    """The gate's decision and evidence: runs/<time>/gate.json, and gates/<challenger>.json (GET /model)."""
+    write_json(run_dir / "gate.json", decision)
+    write_json(root / registry.GATES / f"{decision['challenger']}.json", decision)
 
 
 def promote(config: Config, root: Path, run_dir: Path, use_mlflow: bool = True) -> dict:
@@ -120,8 +125,7 @@ def promote(config: Config, root: Path, run_dir: Path, use_mlflow: bool = True) 
     if decision["promote"] and now not in (run["champion"], decision["challenger"]):  # judged against another
         reason = f"the champion changed from {run['champion']} to {now} after the snapshot: judged against the old one"
         decision |= {"promote": False, "reasons": [reason]}
-        write_json(run_dir / "gate.json", decision)
-        write_json(root / registry.GATES / f"{decision['challenger']}.json", decision)
+        record_decision(root, run_dir, decision)
     if decision["promote"]:
         registry.promote(root, decision["challenger"])
     if use_mlflow:
@@ -234,14 +238,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.watch:
         watch(args, config, args.db_path)
         return None
-    if args.step:
-        result = run_step(args, config)
-        print(json.dumps(result))
-        return result
     try:
         alert = json.loads(args.alert) if args.alert else None
     except json.JSONDecodeError as exc:
         raise RareMLError(f"--alert is not JSON: {exc}") from None
+    if args.step:
+        result = run_step(args, config, alert)
+        print(json.dumps(result))
+        return result
     try:
         outcome = retrain_once(config, args.artifacts, args.db_path, args.budget, alert, args.fairness_bound,
                                args.bootstrap, not args.no_mlflow)
@@ -263,14 +267,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     return outcome
 
 
-def run_step(args: argparse.Namespace, config: Config) -> dict:
+def run_step(args: argparse.Namespace, config: Config, alert: dict | None) -> dict:
     """--step: one of the four steps on its own (the Airflow DAG runs them as tasks); a small dict
     of what it made (paths, versions), for the next step."""
     if args.step == "snapshot":
-        try:
-            alert = json.loads(args.alert) if args.alert else None
-        except json.JSONDecodeError as exc:
-            raise RareMLError(f"--alert is not JSON: {exc}") from None
         return {"run": str(snapshot(config, args.artifacts, args.db_path, alert))}
     if args.run is None:
         raise RareMLError(f"--step {args.step} needs --run, the folder the snapshot step made")

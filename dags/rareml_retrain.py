@@ -20,9 +20,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 if str(PROJECT) not in sys.path:  # rareml and the stage scripts live beside this folder
     sys.path.insert(0, str(PROJECT))
 
-from rareml.cli import call_stage  # light: the DAG processor parses this file often
-
-DEFAULTS = {"config": "configs/census_income_kdd.toml", "artifacts": "artifacts"}
+from rareml.cli import DEFAULT_ARTIFACTS, DEFAULT_CONFIG, call_stage  # light: parsed often
 
 
 def _step(step: str, params: dict, *more: str) -> dict:
@@ -41,8 +39,8 @@ def _step(step: str, params: dict, *more: str) -> dict:
 
 @dag(dag_id="rareml_retrain", schedule=None, catchup=False, max_active_runs=1, tags=["rareml"],
      doc_md=__doc__, params={
-         "config": Param(DEFAULTS["config"], type="string", description="dataset config (TOML), from the project"),
-         "artifacts": Param(DEFAULTS["artifacts"], type="string",
+         "config": Param(DEFAULT_CONFIG, type="string", description="dataset config (TOML), from the project"),
+         "artifacts": Param(DEFAULT_ARTIFACTS, type="string",
                             description="the served artifacts folder (its champion, models and runs)"),
          "budget": Param(None, type=["null", "integer"], minimum=30, maximum=3 * 3600,
                          description="seconds for the retraining (default: the config's [retrain] budget_seconds)"),

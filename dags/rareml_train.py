@@ -16,10 +16,9 @@ PROJECT = Path(__file__).resolve().parent.parent
 if str(PROJECT) not in sys.path:  # rareml and the stage scripts live beside this folder
     sys.path.insert(0, str(PROJECT))
 
-from rareml.cli import call_stage  # light: the DAG processor parses this file often
+from rareml.cli import DEFAULT_ARTIFACTS, DEFAULT_CONFIG, call_stage  # light: parsed often
 
-DEFAULTS = {"config": "configs/census_income_kdd.toml", "artifacts": "artifacts", "budget": 600,
-            "space_dir": "space"}
+BUDGET, SPACE_DIR = 600, "space"  # the Makefile's BUDGET and SPACE_DIR
 
 
 def _path(value: str) -> str:
@@ -32,11 +31,11 @@ def _common(run: dict) -> list[str]:
 
 @dag(dag_id="rareml_train", schedule=None, catchup=False, max_active_runs=1, tags=["rareml"],
      doc_md=__doc__, params={
-         "config": Param(DEFAULTS["config"], type="string", description="dataset config (TOML), from the project"),
-         "artifacts": Param(DEFAULTS["artifacts"], type="string", description="folder the stages share"),
-         "budget": Param(DEFAULTS["budget"], type="integer", minimum=30, maximum=6 * 3600,
+         "config": Param(DEFAULT_CONFIG, type="string", description="dataset config (TOML), from the project"),
+         "artifacts": Param(DEFAULT_ARTIFACTS, type="string", description="folder the stages share"),
+         "budget": Param(BUDGET, type="integer", minimum=30, maximum=6 * 3600,
                          description="seconds from prepare to a registered model"),
-         "space_dir": Param(DEFAULTS["space_dir"], type="string", description="the Hugging Face Space folder")})
+         "space_dir": Param(SPACE_DIR, type="string", description="the Hugging Face Space folder")})
 def rareml_train():
     @task(retries=1, retry_delay=timedelta(seconds=30), execution_timeout=timedelta(minutes=30))
     def prepare(params: dict | None = None) -> dict:

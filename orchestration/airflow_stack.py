@@ -19,15 +19,14 @@ import secrets
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as `python orchestration/airflow_stack.py`: the project beside it
     sys.path.insert(0, str(ROOT))
-from rareml.processes import stop_group, wait_http
+from rareml.orchestrator import Airflow, OrchestratorUnavailable
+from rareml.processes import gone, stop_group, wait_http
 
 HOME = ROOT / ".airflow"
 PORT = 18080  # not Airflow's 8080
@@ -37,11 +36,14 @@ PROCESSES = ("api-server", "scheduler", "dag-processor")
 
 
 @dataclass(frozen=True)
-class Airflow:
+class Running:
     url: str
     username: str
     password: str
     pids: dict[str, int]
+
+    def client(self) -> Airflow:
+        return Airflow(self.url, self.username, self.password, timeout=5.0)
 
 
 def airflow_binary() -> str:
@@ -95,26 +97,18 @@ def environment(home: Path = HOME, port: int = PORT, password: str | None = None
     }
 
 
-def token(url: str, username: str, password: str) -> str:
-    request = urllib.request.Request(f"{url}/auth/token", json.dumps({"username": username, "password": password})
-                                     .encode(), {"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.loads(response.read())["access_token"]
+def dags(client: Airflow) -> dict[str, bool]:
+    """The DAGs Airflow has parsed: {dag_id: is_paused}."""
+    return {d["dag_id"]: d["is_paused"] for d in client.get("/api/v2/dags?limit=100")["dags"]}
 
 
-def get(url: str, path: str, bearer: str) -> dict:
-    request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {bearer}"})
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.loads(response.read())
-
-
-def wait_dags(url: str, bearer: str, seconds: float = 180) -> dict:
-    """Until the DAG processor has parsed both DAGs (unpaused): {dag_id: is_paused}."""
+def wait_dags(client: Airflow, seconds: float = 180) -> dict:
+    """Until the DAG processor has parsed both DAGs: {dag_id: is_paused}."""
     deadline, seen = time.monotonic() + seconds, {}
     while time.monotonic() < deadline:
         try:
-            seen = {d["dag_id"]: d["is_paused"] for d in get(url, "/api/v2/dags?limit=100", bearer)["dags"]}
-        except (OSError, ValueError):
+            seen = dags(client)
+        except OrchestratorUnavailable:
             pass
         if all(d in seen for d in DAGS):
             return seen
@@ -132,7 +126,7 @@ def spawn(name: str, command: list[str], env: dict, home: Path) -> subprocess.Po
 
 
 def start(home: Path = HOME, port: int = PORT, password: str | None = None, seconds: float = 240,
-          host: str = "127.0.0.1") -> Airflow:
+          host: str = "127.0.0.1") -> Running:
     """Migrate the metadata database, start the three processes, wait until the API answers and
     both DAGs are parsed."""
     stop(home)
@@ -146,16 +140,16 @@ def start(home: Path = HOME, port: int = PORT, password: str | None = None, seco
                                                 "--workers", "1"], env, home),
              "scheduler": spawn("scheduler", [binary, "scheduler"], env, home),
              "dag-processor": spawn("dag-processor", [binary, "dag-processor"], env, home)}
-    url = f"http://127.0.0.1:{port}"
-    password = _secret(home, "admin_password")
+    running = Running(f"http://127.0.0.1:{port}", USER, _secret(home, "admin_password"),
+                      {name: p.pid for name, p in procs.items()})
     try:
-        wait_http(f"{url}/api/v2/monitor/health", procs["api-server"], seconds=seconds,
+        wait_http(f"{running.url}/api/v2/monitor/health", procs["api-server"], seconds=seconds,
                   log=home / "api-server.log")
-        wait_dags(url, token(url, USER, password), seconds=seconds)
-    except (RuntimeError, OSError) as exc:
+        wait_dags(running.client(), seconds=seconds)
+    except (RuntimeError, OrchestratorUnavailable) as exc:
         stop(home)
         raise RuntimeError(str(exc)) from None
-    return Airflow(url, USER, password, {name: p.pid for name, p in procs.items()})
+    return running
 
 
 def stop(home: Path = HOME) -> list[str]:
@@ -173,39 +167,31 @@ def stop(home: Path = HOME) -> list[str]:
 
 def status(url: str, home: Path = HOME) -> int:
     """Print the DAGs (paused or not) and import errors; 0 if both DAGs are there, unpaused, error-free."""
+    client = Airflow(url, USER, _secret(home, "admin_password"), timeout=5.0)
     try:
-        bearer = token(url, USER, _secret(home, "admin_password"))
-        dags = {d["dag_id"]: d["is_paused"] for d in get(url, "/api/v2/dags?limit=100", bearer)["dags"]}
-        errors = get(url, "/api/v2/importErrors", bearer)["import_errors"]
-    except (OSError, ValueError) as exc:
-        print(f"error: Airflow at {url} does not answer ({exc}): make airflow")
+        parsed, errors = dags(client), client.get("/api/v2/importErrors")["import_errors"]
+    except OrchestratorUnavailable as exc:
+        print(f"error: {exc}: make airflow")
         return 1
     for dag_id in DAGS:
-        print(f"{dag_id}: {'missing' if dag_id not in dags else 'paused' if dags[dag_id] else 'unpaused'}")
+        print(f"{dag_id}: {'missing' if dag_id not in parsed else 'paused' if parsed[dag_id] else 'unpaused'}")
     for error in errors:
         print(f"import error in {error.get('filename')}: {error.get('stack_trace', '')[-500:]}")
-    return 0 if all(dags.get(d) is False for d in DAGS) and not errors else 1
+    return 0 if all(parsed.get(d) is False for d in DAGS) and not errors else 1
 
 
-def foreground(airflow: Airflow, home: Path = HOME) -> None:
+def foreground(airflow: Running, home: Path = HOME) -> None:
     """Wait while all three run; on SIGTERM or when one exits, stop them all."""
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     try:
-        while all(not _exited(pid) for pid in airflow.pids.values()):
+        while not any(gone(pid) for pid in airflow.pids.values()):
             time.sleep(2)
     except KeyboardInterrupt:
         pass
     finally:
         stop(home)
-
-
-def _exited(pid: int) -> bool:
-    try:
-        return os.waitpid(pid, os.WNOHANG)[0] == pid
-    except ChildProcessError:
-        return True
 
 
 def main() -> None:

@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from rareml.errors import RareMLError
 
+DEFAULT_CONFIG, DEFAULT_ARTIFACTS = "configs/census_income_kdd.toml", "artifacts"  # the Makefile's too
+
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
     """The arguments every stage script takes."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default="configs/census_income_kdd.toml", help="dataset config (TOML)")
-    parser.add_argument("--artifacts", default="artifacts", type=Path, help="folder the stages share")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="dataset config (TOML)")
+    parser.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, type=Path, help="folder the stages share")
     return parser
 
 
@@ -47,9 +51,6 @@ def call_stage(script: str, argv: list[str]):
     """Run a stage script's own main(argv) (e.g. "02_tune") in this process, from the project
     folder as make runs it, and return what it returns. For orchestrators (the Airflow DAGs):
     the same code as `make`, never a second implementation."""
-    import importlib
-    import os
-
     if str(PROJECT) not in sys.path:
         sys.path.insert(0, str(PROJECT))
     module = importlib.import_module(script)

@@ -86,10 +86,15 @@ class Airflow:
 
     def run_state(self, dag_run_id: str) -> str:
         """The state of one run of the retraining DAG (queued, running, success, failed)."""
-        status, answer = self._call("GET", f"/api/v2/dags/{self.dag_id}/dagRuns/{dag_run_id}", None, self.token())
+        return self.get(f"/api/v2/dags/{self.dag_id}/dagRuns/{dag_run_id}")["state"]
+
+    def get(self, path: str) -> dict:
+        """GET one path of the REST API (e.g. /api/v2/dags), its JSON answer; OrchestratorUnavailable
+        unless it answers 200."""
+        status, answer = self._call("GET", path, None, self.token())
         if status != 200:
-            raise OrchestratorUnavailable(f"Airflow answered {status} for run {dag_run_id}: {answer[:200]}")
-        return json.loads(answer)["state"]
+            raise OrchestratorUnavailable(f"Airflow answered {status} to GET {path}: {answer[:200]}")
+        return json.loads(answer)
 
     def token(self) -> str:
         with self._lock:

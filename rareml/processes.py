@@ -34,7 +34,8 @@ def wait_http(url: str, proc: subprocess.Popen | None = None, seconds: float = 6
     raise RuntimeError(f"{url} did not answer within {seconds:g} s ({last}){tail()}")
 
 
-def _gone(pid: int) -> bool:
+def gone(pid: int) -> bool:
+    """Whether the process `pid` (a child, or one a PID file names) has exited."""
     try:
         return os.waitpid(pid, os.WNOHANG)[0] == pid  # our child: reap it, or it lingers as a zombie
     except ChildProcessError:  # started by another process (a PID file): ask the kernel
@@ -49,7 +50,7 @@ def stop_group(proc: subprocess.Popen | int, seconds: float = 30) -> None:
     """SIGTERM the process group led by `proc` (started with start_new_session=True), SIGKILL it
     if it is still there after `seconds`."""
     pid = proc if isinstance(proc, int) else proc.pid
-    done = (lambda: proc.poll() is not None) if isinstance(proc, subprocess.Popen) else (lambda: _gone(pid))
+    done = (lambda: proc.poll() is not None) if isinstance(proc, subprocess.Popen) else (lambda: gone(pid))
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -38,6 +38,7 @@ from rareml.store import (
     UnknownPrediction,
     alert_key,
     pack_request,
+    wants_retrain,
 )
 from rareml.telemetry import Metrics, observe_many
 
@@ -226,35 +227,35 @@ class Service:
         """The new retrain alerts of one notification, as one Airflow run (its id from the group's
         key and first start, so a repeat is a 409); on any failure they stay queued for the
         watcher and the failure is counted: an alert is never dropped."""
-        wanted = [a for a in alerts if a["status"] == "firing" and a["labels"].get("retrain") == "true"]
+        wanted = [a for a in alerts if wants_retrain(a)]
         if not wanted:
             return {}
         starts = min(str(a.get("startsAt", "")) for a in wanted)
         group = group_key if isinstance(group_key, str) and group_key else ",".join(sorted(map(alert_key, wanted)))
         dag_run_id = orchestrator.run_id(group, starts)
         detail = {"dag_id": self.orchestrator.dag_id, "dag_run_id": dag_run_id}
+        answer = {"result": "exists", "dag_run_id": dag_run_id}  # every one already handed off or claimed: a repeat
         try:
             keys = self.store.hand_off(list(dict.fromkeys(map(alert_key, wanted))), detail)
         except LogUnavailable as exc:  # recorded and queued above: the watcher will see them
             log.warning("retrain alerts not handed to Airflow (the log cannot be written): %s", exc)
-            return {"airflow": {"result": "failed", "reason": "log_unavailable"}}
-        if not keys:  # every one already handed off or claimed: a repeated notification
-            return {"airflow": {"result": "exists", "dag_run_id": dag_run_id}}
-        conf = {"alert": {"alertname": ", ".join(sorted({a["labels"]["alertname"] for a in wanted})),
-                          "alerts": keys, "group_key": group}, "alert_keys": keys}
-        try:
-            result = self.orchestrator.trigger(dag_run_id, conf)
-        except orchestrator.OrchestratorUnavailable as exc:
-            self.metrics.handoffs.labels("failed").inc()
+            keys, answer = [], {"result": "failed", "reason": "log_unavailable"}
+        if keys:
+            conf = {"alert": {"alertname": ", ".join(sorted({a["labels"]["alertname"] for a in wanted})),
+                              "alerts": keys, "group_key": group}, "alert_keys": keys}
             try:
-                self.store.release(keys)
-            except LogUnavailable as again:  # the alerts themselves are recorded; say what to do
-                log.error("retrain alerts %s neither handed to Airflow nor queued again: %s", keys, again)
-            log.warning("retraining queued for the embedded watcher: %s", exc)
-            return {"airflow": {"result": "failed", "reason": str(exc)}}
-        self.metrics.handoffs.labels(result).inc()
-        log.warning("retraining handed to Airflow: %s run %s (%s)", self.orchestrator.dag_id, dag_run_id, result)
-        return {"airflow": {"result": result, "dag_run_id": dag_run_id}}
+                answer["result"] = self.orchestrator.trigger(dag_run_id, conf)
+                log.warning("retraining handed to Airflow: %s run %s (%s)", self.orchestrator.dag_id, dag_run_id,
+                            answer["result"])
+            except orchestrator.OrchestratorUnavailable as exc:
+                answer = {"result": "failed", "reason": str(exc)}
+                try:
+                    self.store.release(keys)
+                except LogUnavailable as again:  # the alerts themselves are recorded; say what to do
+                    log.error("retrain alerts %s neither handed to Airflow nor queued again: %s", keys, again)
+                log.warning("retraining queued for the embedded watcher: %s", exc)
+        self.metrics.handoffs.labels(answer["result"]).inc()
+        return {"airflow": answer}
 
     def list_alerts(self, authorization: str, limit: str | None) -> dict:
         """GET /alerts: the latest alerts received."""

@@ -163,6 +163,11 @@ class LogUnavailable(RuntimeError):
         self.reason = reason
 
 
+def wants_retrain(alert: dict) -> bool:
+    """A firing alert labelled retrain="true" asks for one retraining."""
+    return alert["status"] == "firing" and alert["labels"].get("retrain") == "true"
+
+
 def alert_key(alert: dict) -> str:
     """What makes one alert one retraining: its fingerprint (else its name) and when it started."""
     return f"{alert.get('fingerprint') or alert['labels']['alertname']}@{alert.get('startsAt')}"
@@ -518,7 +523,7 @@ class Store:
         (its fingerprint and start: Alertmanager repeats a notification). Returns how many
         retrainings are new; LogUnavailable if the log cannot be written now."""
         now = time.time()
-        wanted = [a for a in alerts if a["status"] == "firing" and a["labels"].get("retrain") == "true"]
+        wanted = [a for a in alerts if wants_retrain(a)]
         with self._transaction() as conn:
             conn.executemany(
                 "INSERT INTO alerts (received, status, alertname, fingerprint, starts_at, labels, annotations) "

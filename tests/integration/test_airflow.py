@@ -166,9 +166,7 @@ def test_an_alert_starts_one_airflow_run_that_retrains_and_a_repeat_or_an_outage
         again = api.post("/alerts", json=body, headers=AUTH).get_json()
         assert again["retrains_queued"] == 0 and again["airflow"] == {"result": "exists", "dag_run_id": run_id}
         assert client_of.trigger(run_id, {}) == "exists"  # Airflow's 409
-        runs = airflow_stack.get(airflow.url, "/api/v2/dags/rareml_retrain/dagRuns",
-                                 airflow_stack.token(airflow.url, airflow.username, airflow.password))
-        assert runs["total_entries"] == 1
+        assert airflow.client().get("/api/v2/dags/rareml_retrain/dagRuns")["total_entries"] == 1
     finally:
         airflow_stack.stop(home)
     # Airflow gone: a new alert is queued for the embedded watcher, and the failure counted
