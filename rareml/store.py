@@ -684,6 +684,9 @@ class Store:
         """Whether the log can be written now and why not (for /ready), and the backlog."""
         with self._status_lock:
             problems, replayed, failures = dict(self._problems), self._replayed, self._failures
+        folder = self.path.parent  # a missing folder is made again at the next write; a file there is not
+        if folder.exists() and not folder.is_dir():  # seen now, not at the next write (none may be waiting)
+            problems.setdefault("log", f"the prediction log's folder {folder.name} is not a folder")
         free = _free_bytes(self.path.parent)
         if free is not None and free < MIN_FREE_BYTES:
             problems.setdefault("disk", f"the log's disk is full ({free // 1024} KiB free)")

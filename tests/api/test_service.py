@@ -93,8 +93,10 @@ def test_the_model_is_one_reference(make_app, records, model_dir, tmp_path):
 
 def test_metrics_answer_when_the_log_cannot_be_read(make_app, records, tmp_path):
     db = tmp_path / "serving" / "gone.db"
-    client = make_app(db).test_client()
+    app = make_app(db)
+    client = app.test_client()
     post(client, "/predict", records[0])
+    app.extensions["rareml"].store.flush()  # nothing waits to be written: the status must see it anyway
     for attempt in range(50):  # the log's writer may recreate the folder in between: try again
         try:
             db.parent.rename(tmp_path / f"moved-{attempt}")
