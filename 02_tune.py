@@ -251,8 +251,26 @@ class Objective:
         return float(np.mean(per_fold["average_precision"])), oof, rounds, float(np.mean(fit_s))
 
 
+def param_importance(study: optuna.Study) -> dict[str, float]:
+    """Optuna's importance of each searched parameter (fANOVA over the finished trials); empty
+    when too few trials finished to judge."""
+    import warnings
+
+    if len([t for t in study.trials if t.state.is_finished() and t.value is not None]) < 3:
+        return {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {k: float(v) for k, v in optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)).items()}
+    except (RuntimeError, ValueError) as exc:
+        log.warning("no parameter importance: %s", exc)
+        return {}
+
+
 def study_plots(study: optuna.Study) -> dict:
-    """Optuna's history and parameter-importance figures (matplotlib), for the parent run."""
+    """Optuna's history and parameter-importance figures (matplotlib), for the parent run and the
+    report."""
     import warnings
 
     import matplotlib
@@ -332,11 +350,14 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.log_metrics({"best_cv_average_precision": best.value, "tune_seconds": time.monotonic() - started,
                             **{f"best_cv_{k}": v for k, v in best.user_attrs["cv"].items()},
                             **{f"trials_{k.lower()}": v for k, v in states.items()}})
+        layout.tuning.mkdir(parents=True, exist_ok=True)
         for name, figure in study_plots(study).items():
             mlflow.log_figure(figure, f"tuning/{name}")
+            figure.savefig(layout.tuning / name, dpi=110, bbox_inches="tight")
         history = study.trials_dataframe(attrs=("number", "value", "state", "duration", "params"))
         history["duration"] = history["duration"].dt.total_seconds()
         mlflow.log_table(history, "tuning/trials.json")
+        history.to_csv(layout.tuning / "trials.csv", index=False)
     pd.DataFrame({LABEL: y, "score": oof}, index=train.index).to_parquet(layout.oof)
     write_json(layout.tuned, {
         "params": base_params(config.seed) | xgb_params(best.params),
@@ -347,6 +368,13 @@ def main(argv: list[str] | None = None) -> None:
         "ensemble": [{"trial": m.number, "cv_average_precision": m.value, "params": base_params(config.seed) | m.params,
                       "n_estimators": round(float(np.mean(m.rounds)))} for m in members],
         "oof_average_precision": metrics.average_precision(y, oof),
+        "param_importance": param_importance(study),
+        "search": {"ranges": {k: list(v[:2]) + ["log" if v[2] else "linear"] for k, v in RANGES.items()},
+                   "grow_policies": list(GROW_POLICIES), "encodings": list(ENCODINGS), "starts": starts[:args.n_trials],
+                   "scale_pos_weight": [1.0, objective.spw_max], "cv_folds": k, "cv_repeats": repeats,
+                   "early_stopping_share": ES_SHARE, "early_stopping_rounds": EARLY_STOPPING, "max_rounds": MAX_ROUNDS,
+                   "metric": "average_precision", "sampler": "TPE (8 startup trials)",
+                   "pruner": "median (from the first fold, after 4 complete trials)"},
         "budget": {"seconds": args.time_budget, "ends_at": end, "reserved_for_final_stage_s": objective.reserve()},
         "mlflow": {"tracking_uri": uri, "experiment": config.name, "parent_run_id": parent.info.run_id, "tags": tags},
     })

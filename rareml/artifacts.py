@@ -37,6 +37,10 @@ class Layout:
     def oof(self) -> Path:
         return self.root / "oof.parquet"  # out-of-fold scores of the best configuration
 
+    @property
+    def tuning(self) -> Path:
+        return self.root / "tuning"  # trials.csv (the search history) and Optuna's figures, for the report
+
     # 03_serialize.py
     @property
     def model_dir(self) -> Path:
