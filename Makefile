@@ -13,7 +13,7 @@ WORKERS ?= 2
 export MLFLOW_DISABLE_TELEMETRY ?= true
 STAGE_ARGS = --config $(CONFIG) --artifacts $(ARTIFACTS)
 
-.PHONY: help setup lint all prepare tune serialize serve promote rollback retrain retrain-watch airflow-setup airflow airflow-stop gui space publish-space simulate monitor monitor-stop test benchmark bench-serve bench-loop peers mlflow-ui clean
+.PHONY: help setup lint all prepare tune serialize report serve promote rollback retrain retrain-watch airflow-setup airflow airflow-stop gui space publish-space simulate monitor monitor-stop test benchmark bench-serve bench-loop peers mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,10 @@ tune: setup ## 02: Optuna search over XGBoost, each trial an MLflow child run (B
 
 serialize: setup ## 03: refit, calibrate, threshold, evaluate, write $(ARTIFACTS)/model, register champion
 	$(PY) 03_serialize.py $(STAGE_ARGS)
+
+MONITORING ?= auto
+report: setup ## 07: report.html/.pdf and slides.html/.pdf of the champion in ARTIFACTS/report (MONITORING=auto|run|reuse|skip)
+	$(PY) 07_report.py --artifacts $(ARTIFACTS) --monitoring $(MONITORING) $(if $(MONITORING_SECONDS),--monitoring-seconds $(MONITORING_SECONDS))
 
 serve: setup ## 04: the API under gunicorn on http://HOST:PORT (WORKERS processes); serves the champion
 	$(PY) 04_serve.py --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT) --workers $(WORKERS)

@@ -1,8 +1,9 @@
-"""Airflow DAG `rareml_train`: the training pipeline of `make all`, then the Space folder (and the
-report, once its stage exists), each task the stage's own main(argv) in the task's process.
+"""Airflow DAG `rareml_train`: the training pipeline of `make all`, then the Space folder and the
+report (`make report`), each task the stage's own main(argv) in the task's process.
 
 Params (the Makefile's defaults): config, artifacts, budget (seconds from prepare to a registered
-model), space_dir. Tasks hand each other only paths, times and versions.
+model), space_dir, report_monitoring (07_report.py --monitoring). Tasks hand each other only paths,
+times and versions.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ if str(PROJECT) not in sys.path:  # rareml and the stage scripts live beside thi
 
 from rareml.cli import DEFAULT_ARTIFACTS, DEFAULT_CONFIG, call_stage  # light: parsed often
 
-BUDGET, SPACE_DIR = 600, "space"  # the Makefile's BUDGET and SPACE_DIR
+BUDGET, SPACE_DIR, MONITORING = 600, "space", "auto"  # the Makefile's BUDGET, SPACE_DIR and MONITORING
 
 
 def _path(value: str) -> str:
@@ -35,7 +36,9 @@ def _common(run: dict) -> list[str]:
          "artifacts": Param(DEFAULT_ARTIFACTS, type="string", description="folder the stages share"),
          "budget": Param(BUDGET, type="integer", minimum=30, maximum=6 * 3600,
                          description="seconds from prepare to a registered model"),
-         "space_dir": Param(SPACE_DIR, type="string", description="the Hugging Face Space folder")})
+         "space_dir": Param(SPACE_DIR, type="string", description="the Hugging Face Space folder"),
+         "report_monitoring": Param(MONITORING, enum=["auto", "run", "reuse", "skip"],
+                                    description="monitoring screenshots in the report (07_report.py --monitoring)")})
 def rareml_train():
     @task(retries=1, retry_delay=timedelta(seconds=30), execution_timeout=timedelta(minutes=30))
     def prepare(params: dict | None = None) -> dict:
@@ -61,20 +64,17 @@ def rareml_train():
                 "model_version": read_json(Path(run["artifacts"]) / "serialized.json")["model_version"]}
 
     @task(retries=2, retry_delay=timedelta(seconds=10), execution_timeout=timedelta(minutes=10))
-    def space(model: dict, params: dict | None = None) -> str:
+    def space(model: dict, params: dict | None = None) -> dict:
         out = _path(params["space_dir"])
         call_stage("rareml.space", ["--artifacts", model["artifacts"], "--out", out])
-        return out
+        return model | {"space_dir": out}
 
-    model = serialize(tune(prepare()))
-    space(model)
-    if (PROJECT / "07_report.py").exists():  # the report stage, once it exists
-        @task(retries=1, execution_timeout=timedelta(minutes=30))
-        def report(model: dict) -> str:
-            call_stage("07_report", ["--artifacts", model["artifacts"]])
-            return model["artifacts"]
+    @task(retries=1, retry_delay=timedelta(seconds=30), execution_timeout=timedelta(minutes=30))
+    def report(model: dict, params: dict | None = None) -> str:
+        done = call_stage("07_report", ["--artifacts", model["artifacts"], "--monitoring", params["report_monitoring"]])
+        return done["out"]
 
-        report(model)
+    report(space(serialize(tune(prepare()))))
 
 
 rareml_train()

@@ -1,15 +1,21 @@
-"""Screenshots of Prometheus under simulated drift, for the report (docs/monitoring-*.png).
+"""Screenshots of Prometheus under simulated drift, for the README (docs/monitoring-*.png) and the
+report (07_report.py: ARTIFACTS/report/monitoring/).
 
 Starts the API on ARTIFACTS (2 gunicorn workers), Prometheus and Alertmanager (monitoring/stack.py),
 replays covariate drift then concept drift with 05_simulate.py, waits for the alerts, and takes
 PNGs in headless Chromium (Debian's, driven by Playwright) of the drift and live-performance graphs
-and of the alerts page. Everything it starts is stopped by PID. A few minutes.
-  python monitoring/screenshots.py [--artifacts artifacts] [--out docs]
+and of the alerts page. Then each panel of grafana_dashboard.json is drawn with matplotlib from the
+same queries as range queries against that Prometheus (Grafana itself is not installable here: not
+in Debian nor on PyPI/npm), and monitoring.json lists what was taken, for which model. Everything it
+starts is stopped by PID. A few minutes.
+  python monitoring/screenshots.py [--artifacts artifacts] [--out docs] [--seconds 45]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,7 +26,10 @@ from pathlib import Path
 
 import stack
 
+from rareml.artifacts import read_json, write_json
+from rareml.model import MANIFEST_FILE
 from rareml.processes import free_port, stop_group, wait_http
+from rareml.registry import serving_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAPHS = {
@@ -68,6 +77,57 @@ def shoot(prometheus: str, out: Path, minutes: int) -> None:
             browser.close()
 
 
+def query_range(prometheus: str, expr: str, start: float, end: float, step: float) -> list[dict]:
+    """Prometheus' range query: the matrix result ([] when the expression has no data)."""
+    query = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": step})
+    with urllib.request.urlopen(f"{prometheus}/api/v1/query_range?{query}", timeout=30) as response:
+        body = json.load(response)
+    return body["data"]["result"] if body.get("status") == "success" else []
+
+
+def legend(fmt: str | None, labels: dict) -> str:
+    """Grafana's legendFormat ({{label}} placeholders) applied to one series' labels."""
+    if fmt:
+        return re.sub(r"{{\s*(\w+)\s*}}", lambda m: str(labels.get(m.group(1), "")), fmt)
+    shown = {k: v for k, v in labels.items() if k not in ("__name__", "job", "instance")}
+    return ", ".join(f"{k}={v}" for k, v in shown.items()) or labels.get("__name__", "value")
+
+
+def draw_panels(prometheus: str, out: Path, minutes: int, dashboard: Path = ROOT / "grafana_dashboard.json") -> list[dict]:
+    """Each panel of the Grafana dashboard as a PNG, from its own queries over the last `minutes`."""
+    import numpy as np
+
+    from rareml import plots
+
+    end = time.time()
+    start, step = end - 60 * minutes, max(2.0, 60 * minutes / 240)
+    drawn, section = [], ""
+    for panel in json.loads(dashboard.read_text())["panels"]:
+        if panel.get("type") == "row":
+            section = panel.get("title", "")
+            continue
+        series = []
+        for target in panel.get("targets", []):
+            for result in query_range(prometheus, target["expr"], start, end, step):
+                points = np.array(result["values"], float)
+                series.append((legend(target.get("legendFormat"), result["metric"]), points[:, 0], points[:, 1]))
+        name = f"panel-{panel['id']:02d}.png"
+        figure = plots.panel(panel["title"], series, panel.get("fieldConfig", {}).get("defaults", {}).get("unit"),
+                             panel.get("type", "timeseries"))
+        figure.savefig(out / name, dpi=100)
+        drawn.append({"file": name, "title": panel["title"], "section": section, "type": panel.get("type"),
+                      "series": len(series), "queries": [t["expr"] for t in panel.get("targets", [])]})
+    return drawn
+
+
+def firing(prometheus: str) -> list[dict]:
+    """The alerts Prometheus holds now (name, state, labels)."""
+    with urllib.request.urlopen(f"{prometheus}/api/v1/alerts", timeout=30) as response:
+        alerts = json.load(response)["data"]["alerts"]
+    return [{"name": a["labels"].get("alertname"), "state": a["state"],
+             "labels": {k: v for k, v in a["labels"].items() if k != "alertname"}} for a in alerts]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
@@ -88,8 +148,17 @@ def main() -> None:
         simulate(f"http://127.0.0.1:{port}", args.artifacts, "concept", args.seconds)
         time.sleep(45)  # the alerts' `for`
         args.out.mkdir(parents=True, exist_ok=True)
-        shoot(monitoring.prometheus, args.out, minutes=max(5, 4 * args.seconds // 60 + 2))
-        print(f"screenshots in {args.out}: {', '.join(list(GRAPHS) + ['monitoring-alerts.png'])}")
+        minutes = max(5, 4 * args.seconds // 60 + 2)
+        alerts = firing(monitoring.prometheus)
+        shoot(monitoring.prometheus, args.out, minutes)
+        panels = draw_panels(monitoring.prometheus, args.out, minutes)
+        manifest = read_json(serving_dir(args.artifacts) / MANIFEST_FILE)
+        write_json(args.out / "monitoring.json", {
+            "model_version": manifest["model_version"], "taken_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "scenarios": ["none", "covariate", "concept"], "seconds_per_scenario": args.seconds, "window_minutes": minutes,
+            "screenshots": list(GRAPHS) + ["monitoring-alerts.png"], "panels": panels, "alerts": alerts})
+        print(f"screenshots in {args.out}: {', '.join(list(GRAPHS) + ['monitoring-alerts.png'])}; "
+              f"{len(panels)} dashboard panels; monitoring.json")
     finally:
         stack.stop(work / "monitoring")
         stop_group(api)

@@ -113,3 +113,56 @@ def shap_beeswarm(names: list[str], contribs: np.ndarray, values: list[np.ndarra
         fig.colorbar(points, ax=ax, label="feature value (low -> high)", ticks=[])
     fig.tight_layout()
     return fig
+
+
+def panel(title: str, series: list[tuple[str, np.ndarray, np.ndarray]], unit: str | None = None,
+          kind: str = "timeseries") -> Figure:
+    """One Grafana dashboard panel drawn from Prometheus range-query results: `series` holds
+    (legend, epoch seconds, values). A `bargauge` panel shows each series' last value as a bar;
+    a `table` panel each series' last value as a row."""
+    fig = Figure(figsize=(7, 3.2))
+    ax = fig.subplots()
+    scale, label = (100.0, "%") if unit == "percentunit" else (1.0, {"reqps": "requests/s", "s": "seconds"}.get(unit, ""))
+    if not series:
+        ax.text(0.5, 0.5, "no data in the window", ha="center", va="center", transform=ax.transAxes, color="0.4")
+        ax.set_axis_off()
+    elif kind == "bargauge":
+        ax.barh([s[0] for s in series], [s[2][-1] * scale for s in series], color="C0")
+        ax.set(xlabel=label or "last value")
+    elif kind == "table":
+        ax.set_axis_off()
+        rows = [[name, f"{values[-1]:.4g}"] for name, _, values in series]
+        ax.table(cellText=rows, colLabels=["series", "last value"], loc="center", cellLoc="left").scale(1, 1.3)
+    else:
+        start = min(float(t[0]) for _, t, _ in series)
+        for name, t, values in series:
+            ax.plot((np.asarray(t, float) - start) / 60.0, np.asarray(values, float) * scale, label=name, lw=1.3)
+        ax.set(xlabel="minutes", ylabel=label)
+        if len(series) <= 12:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(title, fontsize=10, loc="left")
+    fig.tight_layout()
+    return fig
+
+
+def retraining_timeline(runs: list[dict]) -> Figure:
+    """Each gated retraining: champion and challenger average precision on its gate set (95%
+    intervals), a filled marker where the challenger was promoted. `runs`: dicts with `started`
+    (datetime), `champion` and `challenger` ({value, low, high}) and `promote`."""
+    fig = Figure(figsize=(8, 3.6))
+    ax = fig.subplots()
+    x = np.arange(len(runs))
+    for offset, who, colour in ((-0.08, "champion", "C0"), (0.08, "challenger", "C1")):
+        values = np.array([r[who]["value"] for r in runs], float)
+        errors = np.array([[r[who]["value"] - r[who]["low"], r[who]["high"] - r[who]["value"]] for r in runs], float).T
+        ax.errorbar(x + offset, values, yerr=errors, fmt="none", ecolor=colour, alpha=0.6, capsize=3)
+        for i, r in enumerate(runs):
+            filled = who == "challenger" and r["promote"]
+            ax.plot(x[i] + offset, values[i], "o", color=colour, markerfacecolor=colour if filled or who == "champion"
+                    else "white", label=who if i == 0 else None)
+    ax.set_xticks(x, [r["started"].strftime("%m-%d %H:%M") for r in runs], rotation=20, fontsize=8)
+    ax.set(ylabel="average precision (gate set)", title="Retrainings: champion vs challenger "
+           "(filled challenger marker: promoted)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

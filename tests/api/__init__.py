@@ -1,0 +1,1 @@
+"""The Flask API through its test client: answers equal the model's own predictions, every kind of bad body gets a 4xx naming the problem, counters and drift gauges move as they should, and a property-based fuzz of every POST endpoint never sees a 5xx."""

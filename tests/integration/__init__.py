@@ -1,0 +1,1 @@
+"""Real servers started by the tests: gunicorn under load and faults (slow clients, kill -9, a deleted log, a full disk) with every answered prediction kept, the MLflow UI in Chromium, Prometheus and Alertmanager firing on simulated drift, Airflow running both DAGs, and the closed loop from alert to a hot-swapped champion with no failed request."""

@@ -75,7 +75,7 @@ def test_the_dags_folder_loads_and_each_dag_has_its_tasks_in_order_with_the_make
     got = child(airflow_env, "dags", timeout=300)
     assert got["import_errors"] == {}
     train, retrain = got["dags"]["rareml_train"], got["dags"]["rareml_retrain"]
-    assert chain(train["tasks"]) == ["prepare", "tune", "serialize", "space"]
+    assert chain(train["tasks"]) == ["prepare", "tune", "serialize", "space", "report"]
     assert chain(retrain["tasks"]) == ["snapshot", "train", "gate", "promote", "record"]
     assert retrain["tasks"]["record"]["trigger_rule"].endswith("ALL_DONE")  # it records failures too
     for dag in (train, retrain):
@@ -83,8 +83,9 @@ def test_the_dags_folder_loads_and_each_dag_has_its_tasks_in_order_with_the_make
         assert all(t["timeout"] for t in dag["tasks"].values()), dag["tasks"]
     assert train["tasks"]["tune"]["retries"] == 0 and train["tasks"]["space"]["retries"] >= 1
     assert retrain["tasks"]["train"]["retries"] == 0 and retrain["tasks"]["promote"]["retries"] >= 1
-    assert (train["params"]["config"], train["params"]["artifacts"], str(train["params"]["budget"])) == (
-        makefile_default("CONFIG"), makefile_default("ARTIFACTS"), makefile_default("BUDGET"))
+    assert (train["params"]["config"], train["params"]["artifacts"], str(train["params"]["budget"]),
+            train["params"]["report_monitoring"]) == (makefile_default("CONFIG"), makefile_default("ARTIFACTS"),
+                                                      makefile_default("BUDGET"), makefile_default("MONITORING"))
     assert (retrain["params"]["config"], retrain["params"]["artifacts"]) == (makefile_default("CONFIG"),
                                                                            makefile_default("ARTIFACTS"))
 
@@ -92,13 +93,16 @@ def test_the_dags_folder_loads_and_each_dag_has_its_tasks_in_order_with_the_make
 def test_dag_test_of_rareml_train_on_credit_data_registers_a_champion_and_builds_the_space(airflow_env, tmp_path):
     artifacts, space = tmp_path / "credit", tmp_path / "space"
     conf = {"config": str(ROOT / "configs" / "credit_data.toml"), "artifacts": str(artifacts), "budget": 45,
-            "space_dir": str(space)}
+            "space_dir": str(space), "report_monitoring": "skip"}
     got = child(airflow_env, "test", "rareml_train", json.dumps(conf))
-    assert got == {"state": "success", "tasks": dict.fromkeys(["prepare", "tune", "serialize", "space"], "success")}
+    assert got == {"state": "success",
+                   "tasks": dict.fromkeys(["prepare", "tune", "serialize", "space", "report"], "success")}
     version = read_json(artifacts / "serialized.json")["model_version"]
     assert registry.version_of(artifacts, "champion") == registry.version_of(artifacts, "challenger") == version
     assert (artifacts / "models" / version / "manifest.json").is_file()
     assert (space / "app.py").is_file() and (space / "artifacts" / "model" / "examples.json").is_file()
+    page = (artifacts / "report" / "report.html").read_text()  # the report task: of this model
+    assert f'name="model-version" content="{version}"' in page and (artifacts / "report" / "slides.html").is_file()
     assert aliases_in_mlflow(Path(airflow_env["MLFLOW_TRACKING_URI"]).parent, "credit-data").get("champion")
 
 

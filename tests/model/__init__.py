@@ -1,0 +1,1 @@
+"""A model trained once per session by the real stages on a census slice: it reloads bit-exactly, a tampered folder is refused, MLflow holds its runs and registry entry, its quality clears a floor, other datasets train too, and training is deterministic."""

@@ -1,0 +1,1 @@
+"""Each shared function against an independent reference or a hand-checked case: the config, metrics against scikit-learn, threshold choice, calibration, feature encoding, the compiled trees against XGBoost, the prediction log and its journal under crashes, a full disk and threads, the drift and fairness signals, the gate, the registry's aliases, the Airflow client."""

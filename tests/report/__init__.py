@@ -1,0 +1,1 @@
+"""The deliverables: the report and the slide deck built from the model the suite trains, with every section, figure and link present, PDFs with a title page and a table of contents whose pages all render, and a 12-minute deck."""
