@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import re
 import subprocess
@@ -59,12 +58,12 @@ def locate(root: Path, which: str = registry.CHAMPION) -> tuple[Path, str]:
     """The run folder (root itself, or root/runs/<time>/ for a retraining) whose model is `which`
     (an alias, or "newest": root's own model/), and a sentence saying which model that is."""
     root = Path(root)
-    if which == "newest" or registry.version_of(root, which) is None:
+    version = None if which == "newest" else registry.version_of(root, which)
+    if version is None:
         if not (root / "model" / MANIFEST_FILE).is_file():
             raise RareMLError(f"{root / 'model'} not found: run `make all` first (with the same ARTIFACTS)")
         why = "the newest model of this folder" if which == "newest" else f"the newest model (no {which} here)"
         return root, why
-    version = registry.version_of(root, which)
     for run in [root, *sorted((root / "runs").glob("*/"), reverse=True)]:
         manifest = run / "model" / MANIFEST_FILE
         if manifest.is_file() and read_json(manifest).get("model_version") == version:
@@ -73,8 +72,10 @@ def locate(root: Path, which: str = registry.CHAMPION) -> tuple[Path, str]:
                       "serialize outputs): pass --model newest to describe the newest model instead")
 
 
-def data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+def data_uri(png: Path | bytes) -> str:
+    """A PNG (a file, or its bytes) as a data: URI, so the page needs no other file."""
+    data = png if isinstance(png, bytes) else Path(png).read_bytes()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
 def inline_markdown(text: str) -> str:
@@ -211,8 +212,8 @@ def test_suite(project: Path = PROJECT, timeout: float = 300) -> dict:
             tier["tests"] = sum(i.startswith(f"tests/{tier['tier']}/") for i in ids)
         collected = len(ids)
         if proc.returncode not in (0, 5) or not ids:
-            error = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["no output"]
-            error = f"pytest --collect-only failed: {error[0]}"
+            last = (proc.stdout + proc.stderr).strip().splitlines() or ["no output"]
+            error = f"pytest --collect-only failed: {last[-1]}"
     except (OSError, subprocess.TimeoutExpired) as exc:
         error = f"pytest --collect-only did not run: {exc}"
     return {"tiers": tiers, "collected": collected, "error": error, "ci": ci_stages(project)}
@@ -237,16 +238,9 @@ def ci_stages(project: Path = PROJECT) -> list[dict]:
     return stages
 
 
-def decisions(run: Path, tuned: dict, manifest: dict) -> dict:
+def decisions(tuned: dict, manifest: dict) -> dict:
     search = tuned.get("search", {})
     trials = tuned.get("trials", {})
-    history = None
-    if (Layout(run).tuning / "trials.csv").is_file():
-        import pandas as pd
-
-        frame = pd.read_csv(Layout(run).tuning / "trials.csv")
-        history = {"trials": len(frame), "best": frame["value"].max(),
-                   "seconds": float(frame["duration"].sum()) if "duration" in frame else None}
     calibration = manifest["calibration"]
     threshold = manifest["threshold"]
     return {"ranges": search.get("ranges", {}), "starts": search.get("starts", []),
@@ -254,7 +248,7 @@ def decisions(run: Path, tuned: dict, manifest: dict) -> dict:
             "scale_pos_weight": search.get("scale_pos_weight"), "sampler": search.get("sampler"),
             "pruner": search.get("pruner"), "max_rounds": search.get("max_rounds"),
             "budget_s": tuned.get("budget", {}).get("seconds"), "trials": trials,
-            "complete": trials.get("COMPLETE", 0), "pruned": trials.get("PRUNED", 0), "history": history,
+            "complete": trials.get("COMPLETE", 0), "pruned": trials.get("PRUNED", 0),
             "best_trial": tuned.get("best_trial"), "best_cv": tuned.get("cv", {}),
             "params": {k: v for k, v in manifest["params"].items() if k not in ("seed", "nthread", "verbosity")},
             "encoding": manifest["encoding"], "ensemble": manifest.get("ensemble", []),
@@ -393,8 +387,7 @@ def gather(root: Path, config: Config, out: Path, which: str = registry.CHAMPION
         buffer = io.BytesIO()
         plots.retraining_timeline(timeline).savefig(buffer, format="png", dpi=110)
         figures["timeline"] = {"key": "timeline", "source": "runs/*/gate.json", "caption": "Retraining timeline: "
-                               "champion and challenger on each gate set.", "src": "data:image/png;base64,"
-                               + base64.b64encode(buffer.getvalue()).decode("ascii")}
+                               "champion and challenger on each gate set.", "src": data_uri(buffer.getvalue())}
     watched = monitoring(out, manifest["model_version"])
     if watched["taken"]:
         for name in watched["screenshots"]:
@@ -409,13 +402,11 @@ def gather(root: Path, config: Config, out: Path, which: str = registry.CHAMPION
         "title": f"{config.name}: predicting {manifest['schema']['target']} = {manifest['schema']['positive']}",
         "name": config.name, "model_version": manifest["model_version"], "described": described,
         "trained_at": manifest.get("trained_at"), "generated_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "author": author, "commit": git_commit(), "config_file": config.path.name, "run": run,
-        "champion": registry.version_of(root, registry.CHAMPION),
-        "challenger": registry.version_of(root, registry.CHALLENGER),
+        "author": author, "commit": git_commit(), "config_file": config.path.name,
         "problem": problem(config, prepared, manifest), "validation": validation(config, prepared, tuned, manifest),
         "tests": test_suite() if tests else {"tiers": [], "collected": 0, "error": "not collected (--no-tests)",
                                             "ci": ci_stages()},
-        "decisions": decisions(run, tuned, manifest), "performance": performance(manifest, config.path.stem),
+        "decisions": decisions(tuned, manifest), "performance": performance(manifest, config.path.stem),
         "monitoring": watched, "retrainings": timeline, "figures": figures, "missing": missing,
         "links": links(repo_url, space_repo), "mlflow": serialized.get("mlflow"),
         "versions": manifest.get("versions", {}), "sections": SECTIONS,
@@ -434,7 +425,6 @@ def render(facts: dict, template: str) -> str:
     env.filters["num"] = number
     env.filters["pct"] = lambda v, d=1: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.{d}f}%"
     env.filters["ci"] = lambda e, d=4: f"{number(e['value'], d)} [{number(e['low'], d)}, {number(e['high'], d)}]"
-    env.filters["tojson"] = lambda v: json.dumps(v, default=str)
     css = (TEMPLATES / f"{Path(template).stem}.css").read_text(encoding="utf-8")
     return env.get_template(f"{template}.j2").render(f=facts, css=css, minutes=SLIDE_MINUTES)
 
