@@ -1,23 +1,30 @@
-"""Stage 2: tune XGBoost with Optuna by stratified K-fold CV on the training split.
+"""Stage 2: tune each model family (the config's `[model] families`) with Optuna by stratified
+K-fold CV on the training split.
 
-Average precision is the search metric. Each fold holds out a slice of its training part for
-early stopping, so the fold's validation scores (the out-of-fold predictions that calibration
-and the threshold use later) come from a model that never saw them. Every trial is an MLflow
-child run under one parent run. Writes artifacts/tuned.json and artifacts/oof.parquet.
+Average precision is the search metric. Every family sees the same folds; each fold holds out a
+slice of its training part for early stopping, so the fold's validation scores (the out-of-fold
+predictions that selection, blending, calibration and the threshold use later) come from a model
+that never saw them. Every trial is an MLflow child run under one parent run, tagged with its
+family. Writes artifacts/tuned.json and artifacts/oof.parquet (one column of out-of-fold scores
+per family).
+
+How the time is shared: the families are searched one after another, cheapest first (the order of
+`rareml.families.REGISTRY`); each gets an equal share of the search time still left when it starts,
+and time a family does not use (a small space stops at its `max_trials`) passes to the next ones.
+The search as a whole stops early enough to leave the final stage the time it will need: a refit of
+every family (each may be in the blend), the bootstrap and the reports.
 """
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pandas as pd
-import xgboost as xgb
 from optuna.trial import TrialState as State
 from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
 
@@ -27,36 +34,22 @@ from rareml.cli import require, run, stage_parser
 from rareml.config import load_config
 from rareml.data import LABEL, weights_of
 from rareml.errors import RareMLError
+from rareml.families import REGISTRY, Context, Family, blend, family
 from rareml.features import Schema, to_frame
-from rareml.model import ENCODINGS, base_params, dmatrix, mean_margin, raw_scores, train_booster
+from rareml.model import members_of
 from rareml.tracking import log_split, run_name, setup_mlflow
 
 log = logging.getLogger("02_tune")
-MAX_ROUNDS, EARLY_STOPPING, ES_SHARE = 2000, 100, 0.1
-# Up to this many training rows the final model averages the best few trials (at most
-# ENSEMBLE_MAX, as many as maximise the out-of-fold average precision of their mean): on small
-# data the single best CV score is partly luck, and each refit costs a second. Above it, one model.
+ES_SHARE = 0.1
+# Up to this many training rows a family's final model averages its best few trials (at most
+# ENSEMBLE_MAX, as many as maximise the out-of-fold average precision of their mean) when the family
+# can (`Family.averages_trials`): on small data the single best CV score is partly luck, and each
+# refit costs a second. Above it, one model.
 ENSEMBLE_MAX, ENSEMBLE_MAX_ROWS = 5, 50_000
-# What the final stage costs besides the refit, measured on this project's benchmark machine
+# What the final stage costs besides the refits, measured on this project's benchmark machine
 # (2 cores): starting the process, calibration, SHAP values, plots, MLflow logging and registration
 # (12 s left census at B=600 7 s over budget, with a 1,085-tree model); 1,000 bootstrap resamples.
 FINAL_FIXED_S, BOOTSTRAP_S_PER_ROW = 18.0, 6e-5
-# Known-good starting points, tried before TPE explores: XGBoost's defaults; a slower, subsampled
-# configuration that is strong on most tabular data, with each categorical encoding; and trees grown
-# leaf by leaf as LightGBM grows them (31 leaves, any depth), the family FLAML's best configurations
-# came from on the benchmark datasets.
-SLOW = {"grow_policy": "depthwise", "learning_rate": 0.05, "max_depth": 6, "min_child_weight": 1.0, "subsample": 0.8,
-        "colsample_bytree": 0.8, "reg_lambda": 1.0, "reg_alpha": 0.001, "scale_pos_weight": 1.0}
-LEAVES = {"grow_policy": "lossguide", "max_leaves": 31, "learning_rate": 0.1, "min_child_weight": 1.0,
-          "subsample": 1.0, "colsample_bytree": 1.0, "reg_lambda": 1.0, "reg_alpha": 0.001, "scale_pos_weight": 1.0}
-STARTS = [
-    {"grow_policy": "depthwise", "learning_rate": 0.3, "max_depth": 6, "min_child_weight": 1.0, "subsample": 1.0,
-     "colsample_bytree": 1.0, "reg_lambda": 1.0, "reg_alpha": 0.001, "scale_pos_weight": 1.0, "encoding": "native"},
-    SLOW | {"encoding": "ordinal"},
-    SLOW | {"encoding": "native"},
-    LEAVES | {"encoding": "native"},
-    LEAVES | {"learning_rate": 0.05, "subsample": 0.8, "colsample_bytree": 0.8, "encoding": "ordinal"},
-]
 
 
 @dataclass
@@ -65,134 +58,84 @@ class Candidate:
 
     number: int
     value: float
-    params: dict
-    encoding: str
+    choice: dict
     oof: np.ndarray
-    rounds: list[int]
+    iterations: list
 
 
 @dataclass
 class Fold:
-    fit: dict[str, xgb.DMatrix]  # by categorical encoding: training part of the fold, less...
-    stop: dict[str, xgb.DMatrix]  # ...the early-stopping slice
-    valid: dict[str, xgb.DMatrix]
+    """Row positions of one fold: its training part less the early-stopping slice, the slice, the validation part."""
+
+    fit_idx: np.ndarray
+    stop_idx: np.ndarray
     valid_idx: np.ndarray
 
 
-def make_folds(X: pd.DataFrame, y: np.ndarray, k: int, repeats: int, seed: int,
-               weight: np.ndarray | None = None) -> list[Fold]:
-    """Built once and reused by every trial (same folds for all: fair comparison and pruning). Row
-    weights, when given, weigh the fitting and early stopping; the validation scores are unweighted."""
+def make_folds(y: np.ndarray, k: int, repeats: int, seed: int) -> list[Fold]:
+    """Built once and used by every family and trial (same folds for all: fair comparison and pruning)."""
     folds = []
     splitter = RepeatedStratifiedKFold(n_splits=k, n_repeats=repeats, random_state=seed)
-    for train_idx, valid_idx in splitter.split(X, y):
+    for train_idx, valid_idx in splitter.split(np.zeros(len(y)), y):
         fit_idx, stop_idx = train_test_split(train_idx, test_size=ES_SHARE, stratify=y[train_idx],
                                              random_state=seed)
-        parts = [{e: dmatrix(X.iloc[idx], y[idx], e, None if weight is None or idx is valid_idx else weight[idx])
-                  for e in ENCODINGS} for idx in (fit_idx, stop_idx, valid_idx)]
-        folds.append(Fold(*parts, valid_idx))
+        folds.append(Fold(fit_idx, stop_idx, valid_idx))
     return folds
 
 
-# The search space: each number's range (a log scale for those spanning orders of magnitude).
-RANGES = {"max_depth": (2, 10, False), "max_leaves": (4, 256, True), "learning_rate": (0.02, 0.3, True),
-          "min_child_weight": (0.1, 100.0, True), "subsample": (0.5, 1.0, False),
-          "colsample_bytree": (0.3, 1.0, False), "reg_lambda": (1e-3, 1000.0, True), "reg_alpha": (1e-3, 10.0, True)}
-GROW_POLICIES = ("depthwise", "lossguide")
-SEARCHED = ("learning_rate", "min_child_weight", "subsample", "colsample_bytree", "reg_lambda", "reg_alpha")
+def fold_data(fam: Family, X: pd.DataFrame, y: np.ndarray, folds: list[Fold],
+              weight: np.ndarray | None = None) -> list[tuple]:
+    """Each fold's (fit, stop, valid) parts as the family takes them. Row weights, when given, weigh
+    the fitting and early stopping; the validation scores are unweighted."""
+    def part(idx: np.ndarray, weighted: bool = True) -> object:
+        return fam.prepare(X.iloc[idx], y[idx], weight[idx] if weighted and weight is not None else None)
+
+    return [(part(f.fit_idx), part(f.stop_idx), part(f.valid_idx, weighted=False)) for f in folds]
 
 
-def suggest(trial: optuna.Trial, spw_max: float) -> tuple[dict, str]:
-    """The search space (XGBoost parameters, categorical encoding). Trees grow level by level to a
-    depth, or leaf by leaf to a number of leaves; scale_pos_weight runs from 1 (none) to the
-    negative/positive ratio."""
-    size = "max_depth" if trial.suggest_categorical("grow_policy", GROW_POLICIES) == "depthwise" else "max_leaves"
-    for name in (size, *SEARCHED):
-        low, high, log_scale = RANGES[name]
-        if isinstance(low, int):
-            trial.suggest_int(name, low, high, log=log_scale)
-        else:
-            trial.suggest_float(name, low, high, log=log_scale)
-    trial.suggest_float("scale_pos_weight", 1.0, max(spw_max, 1.0 + 1e-9), log=True)
-    trial.suggest_categorical("encoding", ENCODINGS)
-    return xgb_params(trial.params), trial.params["encoding"]
+@dataclass
+class Budget:
+    """The time of the whole pipeline up to `end` (epoch seconds), and what the final stage will
+    need of it: fixed costs plus each family's refit on all training rows (estimated from its fold fits)."""
 
-
-def warm_start(model_dir: Path, spw_max: float) -> dict | None:
-    """The search-space choices of the model in `model_dir` (its manifest, read as JSON), to try
-    first: a retraining starts from the champion's configuration on the new data. Numbers are
-    clipped into this search space (a champion of an older one); None, with a warning, when the
-    manifest does not hold such a configuration (the search then starts as for a first model)."""
-    manifest = read_json(require(model_dir / "manifest.json", "serialize"))
-    params = manifest.get("params") if isinstance(manifest, dict) else None
-    if not isinstance(params, dict) or params.get("grow_policy") not in GROW_POLICIES \
-            or manifest.get("encoding") not in ENCODINGS:
-        log.warning("--warm-start %s: no grow policy and encoding of this search in its manifest: not used", model_dir)
-        return None
-    size = "max_depth" if params["grow_policy"] == "depthwise" else "max_leaves"
-    start = {"grow_policy": params["grow_policy"]}
-    for name in (size, *SEARCHED, "scale_pos_weight"):
-        value = params.get(name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
-            log.warning("--warm-start %s: %s is %r in its manifest: not used", model_dir, name, value)
-            return None
-        low, high = (1.0, max(spw_max, 1.0)) if name == "scale_pos_weight" else RANGES[name][:2]
-        start[name] = type(low)(min(max(value, low), high))
-    return start | {"encoding": manifest["encoding"]}
-
-
-def xgb_params(chosen: dict) -> dict:
-    """A trial's choices as XGBoost parameters: leaf-wise trees are bounded by leaves, not depth."""
-    params = {k: v for k, v in chosen.items() if k != "encoding"}
-    if params.get("grow_policy") == "lossguide":
-        params["max_depth"] = 0
-    return params
-
-
-class Deadline(xgb.callback.TrainingCallback):
-    """Stops boosting once the search's time is spent (the trial is then pruned, not scored)."""
-
-    def __init__(self, at: Callable[[], float]) -> None:
-        super().__init__()
-        self.at, self.hit = at, False
-
-    def after_iteration(self, model, epoch, evals_log) -> bool:
-        self.hit = self.hit or time.time() > self.at()
-        return self.hit
-
-
-class Objective:
-    """Mean CV average precision of one configuration; keeps the best trial's out-of-fold scores.
-
-    The budget covers the whole pipeline up to `end` (epoch seconds): the search stops early
-    enough to leave the final stage the time it will need (refit, bootstrap, reports)."""
-
-    def __init__(self, folds: list[Fold], y: np.ndarray, seed: int, end: float, test_rows: int) -> None:
-        import mlflow
-
-        self.mlflow, self.folds, self.y, self.seed, self.end = mlflow, folds, y, seed, end
-        self.spw_max = float((y == 0).sum() / max((y == 1).sum(), 1))
-        self.best_value, self.best_oof, self.best_rounds, self.best_fit_s = -np.inf, None, [], 0.0
-        self.final_fixed_s = FINAL_FIXED_S + test_rows * BOOTSTRAP_S_PER_ROW
-        self.refits = ENSEMBLE_MAX if len(y) <= ENSEMBLE_MAX_ROWS else 1
-        self.top: list[Candidate] = []  # the best complete trials, best first
+    end: float
+    fixed_s: float
+    refit_s: dict = field(default_factory=dict)
 
     def reserve(self) -> float:
-        """Seconds the final stage needs: fixed costs plus a refit on all training rows."""
-        fit_rows = self.folds[0].fit["native"].num_row()
-        return self.final_fixed_s + self.refits * self.best_fit_s * len(self.y) / fit_rows
+        return self.fixed_s + sum(self.refit_s.values())
 
     def search_deadline(self) -> float:
         return self.end - self.reserve()
 
+
+class Objective:
+    """Mean CV average precision of one family's configuration; keeps its best few trials' out-of-fold scores."""
+
+    def __init__(self, fam: Family, data: list[tuple], folds: list[Fold], y: np.ndarray, context: Context,
+                 budget: Budget, share_end: float) -> None:
+        import mlflow
+
+        self.mlflow, self.fam, self.data, self.folds, self.y, self.context = mlflow, fam, data, folds, y, context
+        self.budget, self.share_end = budget, share_end
+        self.best_value = -np.inf
+        self.best: Candidate | None = None
+        self.refits = ENSEMBLE_MAX if fam.averages_trials and len(y) <= ENSEMBLE_MAX_ROWS else 1
+        self.top: list[Candidate] = []  # the best complete trials, best first
+
+    def deadline(self) -> float:
+        """This family's share of the search, and never into the final stage's time."""
+        return min(self.share_end, self.budget.search_deadline())
+
     def __call__(self, trial: optuna.Trial) -> float:
-        params, encoding = suggest(trial, self.spw_max)
+        choice = self.fam.suggest(trial, self.context)
         started = time.monotonic()
-        with self.mlflow.start_run(run_name=f"trial-{trial.number:03d}", nested=True):
-            self.mlflow.log_params(params | {"encoding": encoding, "trial": trial.number})
+        with self.mlflow.start_run(run_name=f"{self.fam.name}-trial-{trial.number:03d}", nested=True):
+            self.mlflow.set_tag("family", self.fam.name)
+            self.mlflow.log_params(choice | {"family": self.fam.name, "trial": trial.number})
             state = "FAILED"
             try:
-                value, oof, rounds, fit_s = self._cross_validate(trial, params, encoding)
+                value, oof, iterations = self._cross_validate(trial, choice)
                 state = "COMPLETE"
             except optuna.TrialPruned:
                 state = "PRUNED"
@@ -200,43 +143,40 @@ class Objective:
             finally:
                 self.mlflow.set_tag("state", state)
                 self.mlflow.log_metric("duration_s", time.monotonic() - started)
+        candidate = Candidate(trial.number, value, choice, oof, iterations)
         if value > self.best_value:
-            self.best_value, self.best_oof, self.best_rounds, self.best_fit_s = value, oof, rounds, fit_s
-        self.top = sorted(self.top + [Candidate(trial.number, value, params, encoding, oof, rounds)],
-                          key=lambda c: -c.value)[:ENSEMBLE_MAX]
+            self.best_value, self.best = value, candidate
+        self.top = sorted(self.top + [candidate], key=lambda c: -c.value)[:ENSEMBLE_MAX]
         return value
 
     def ensemble(self) -> list[Candidate]:
-        """The trials the final model averages: the best one, then, on small data, as many of the
-        next best (same encoding) as raise the out-of-fold average precision of their mean."""
-        same = [c for c in self.top if c.encoding == self.top[0].encoding][:self.refits]
-        scores = [metrics.average_precision(self.y, mean_margin([c.oof for c in same[:k]]))
-                  for k in range(1, len(same) + 1)]
+        """The trials the family's final model averages: the best one, then, on small data and when
+        the family averages, as many of the next best (of the same structure: `Family.averages_trials`)
+        as raise the out-of-fold average precision of their mean."""
+        same = [c for c in self.top if c.choice.get("encoding") == self.top[0].choice.get("encoding")][:self.refits]
+        scores = [metrics.average_precision(self.y, blend([c.oof for c in same[:k]])) for k in range(1, len(same) + 1)]
         return same[:int(np.argmax(scores)) + 1]
 
     def _out_of_time(self, trial: optuna.Trial) -> None:
-        """Once one trial is complete, a trial that would eat into the final stage's time is stopped."""
-        if self.best_oof is not None and time.time() > self.search_deadline():
+        """Once one trial is complete, a trial past the family's share of the time is stopped."""
+        if self.best is not None and time.time() > self.deadline():
             trial.study.stop()
             raise optuna.TrialPruned("time budget spent")
 
-    def _cross_validate(self, trial: optuna.Trial, params: dict,
-                        encoding: str) -> tuple[float, np.ndarray, list[int], float]:
-        oof_sum, oof_n, rounds, fit_s = np.zeros(len(self.y)), np.zeros(len(self.y)), [], []
+    def _cross_validate(self, trial: optuna.Trial, choice: dict) -> tuple[float, np.ndarray, list]:
+        oof_sum, oof_n, iterations, fit_s = np.zeros(len(self.y)), np.zeros(len(self.y)), [], []
         per_fold = {"average_precision": [], "roc_auc": [], "log_loss": [], "brier": []}
-        for k, fold in enumerate(self.folds):
+        for k, (fold, (fit, stop, valid)) in enumerate(zip(self.folds, self.data)):
             self._out_of_time(trial)
-            stop = Deadline(self.search_deadline)
             started = time.monotonic()
-            booster = train_booster(base_params(self.seed) | params, fold.fit[encoding], MAX_ROUNDS,
-                                    fold.stop[encoding], EARLY_STOPPING,
-                                    callbacks=[stop] if self.best_oof is not None else None)
+            fitted, kept = self.fam.fit(choice, fit, stop, self.context,
+                                        deadline=self.deadline if self.best is not None else None)
             fit_s.append(time.monotonic() - started)
             self._out_of_time(trial)
-            p, y = raw_scores(booster, fold.valid[encoding]), self.y[fold.valid_idx]
+            p, y = self.fam.scores(fitted, valid), self.y[fold.valid_idx]
             oof_sum[fold.valid_idx] += p
             oof_n[fold.valid_idx] += 1
-            rounds.append(booster.best_iteration + 1)
+            iterations.append(kept)
             for name, values in per_fold.items():
                 values.append(getattr(metrics, name)(y, p))
                 self.mlflow.log_metric(f"fold_{name}", values[-1], step=k)
@@ -245,10 +185,41 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned after fold {k}")
         for name, values in per_fold.items():
             self.mlflow.log_metrics({f"cv_{name}_mean": float(np.mean(values)), f"cv_{name}_std": float(np.std(values))})
-        self.mlflow.log_metric("n_estimators", float(np.mean(rounds)))
+        if all(i is not None for i in iterations):
+            self.mlflow.log_metric("iterations", float(np.mean(iterations)))
         trial.set_user_attr("cv", {n: float(np.mean(v)) for n, v in per_fold.items()})
-        oof = oof_sum / oof_n  # each row's out-of-fold score, averaged over the repeats
-        return float(np.mean(per_fold["average_precision"])), oof, rounds, float(np.mean(fit_s))
+        value = float(np.mean(per_fold["average_precision"]))
+        if value > self.best_value:  # the refit on all rows costs about a fold fit, scaled by rows
+            rows = len(self.folds[0].fit_idx)
+            self.budget.refit_s[self.fam.name] = self.refits * float(np.mean(fit_s)) * len(self.y) / rows
+        return value, oof_sum / oof_n, iterations  # each row's out-of-fold score, averaged over the repeats
+
+
+def warm_starts(model_dir: Path, context: Context) -> dict[str, dict]:
+    """Each family's choices in the model of `model_dir` (its manifest, read as JSON), to try first:
+    a retraining starts from the champion's configuration on the new data, numbers clipped into this
+    search space. A family whose choices this search cannot use is skipped with a warning (its search
+    then starts as for a first model)."""
+    manifest = read_json(require(model_dir / "manifest.json", "serialize"))
+    starts = {}
+    try:
+        members = members_of(manifest) if isinstance(manifest, dict) else []
+    except (KeyError, TypeError):
+        members = []
+    for member in members:
+        name = member.get("family") if isinstance(member, dict) else None
+        try:
+            start = family(name).warm_start(member, context)
+        except (RareMLError, ValueError) as exc:
+            log.warning("--warm-start %s: %s: %s in its manifest: not used", model_dir, name, exc)
+            continue
+        if start is None:
+            log.warning("--warm-start %s: %s: no configuration of this search in its manifest: not used", model_dir, name)
+        else:
+            starts[name] = start
+    if not starts:
+        log.warning("--warm-start %s: nothing in its manifest this search can use: not used", model_dir)
+    return starts
 
 
 def param_importance(study: optuna.Study) -> dict[str, float]:
@@ -290,96 +261,132 @@ def study_plots(study: optuna.Study) -> dict:
     return figures
 
 
+def search_family(fam: Family, X: pd.DataFrame, y: np.ndarray, folds: list[Fold], weight: np.ndarray | None,
+                  context: Context, budget: Budget, share_end: float, n_trials: int | None, warm: dict | None,
+                  study_name: str, tuning: Path) -> tuple[dict, np.ndarray]:
+    """One family's Optuna study (its trials are MLflow child runs of the active run): its entry in
+    tuned.json, and the out-of-fold scores of its final model."""
+    import mlflow
+
+    started = time.monotonic()
+    objective = Objective(fam, fold_data(fam, X, y, folds, weight), folds, y, context, budget, share_end)
+    sampler = optuna.samplers.TPESampler(seed=context.seed, n_startup_trials=8)
+    # after 4 complete trials, a trial whose running mean falls below the median at a fold stops there
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
+    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner, study_name=study_name)
+    caps = [n for n in (n_trials, fam.max_trials) if n is not None]
+    cap = min(caps) if caps else None
+    first = [warm] if warm else []
+    starts = first + [s for s in fam.starts(context) if s not in first]
+    for start in starts[:cap]:  # with fewer trials allowed than starts, enqueue only those that run
+        study.enqueue_trial(start)
+    study.optimize(objective, n_trials=cap, catch=(), show_progress_bar=sys.stderr.isatty())
+    if objective.best is None:
+        raise RareMLError(f"no {fam.name} trial completed within the time budget: raise BUDGET (--time-budget)")
+    members, best = objective.ensemble(), study.best_trial
+    oof = blend([m.oof for m in members])
+    if len(members) > 1:
+        log.info("%s: the final model averages trials %s: out-of-fold average precision %.4f, against %.4f for the "
+                 "best alone", fam.name, [m.number for m in members], metrics.average_precision(y, oof),
+                 metrics.average_precision(y, members[0].oof))
+    ran = study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED, State.FAIL))
+    states = pd.Series([t.state.name for t in ran]).value_counts().to_dict()  # not the starts left waiting
+    folder = tuning / fam.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, figure in study_plots(study).items():
+        mlflow.log_figure(figure, f"tuning/{fam.name}/{name}")
+        figure.savefig(folder / name, dpi=110, bbox_inches="tight")
+    history = study.trials_dataframe(attrs=("number", "value", "state", "duration", "params"))
+    history["duration"] = history["duration"].dt.total_seconds()
+    mlflow.log_table(history, f"tuning/{fam.name}/trials.json")
+    history.to_csv(folder / "trials.csv", index=False)
+    oof_ap = metrics.average_precision(y, oof)
+    mlflow.log_metrics({f"{fam.name}_best_cv_{k}": v for k, v in best.user_attrs["cv"].items()} | {
+        f"{fam.name}_oof_average_precision": oof_ap, f"{fam.name}_ensemble_size": len(members),
+        f"{fam.name}_seconds": time.monotonic() - started, **{f"{fam.name}_trials_{k.lower()}": v for k, v in states.items()}})
+
+    def mean(iterations: list) -> int | None:
+        return None if any(i is None for i in iterations) else round(float(np.mean(iterations)))
+
+    entry = {"choice": objective.best.choice, "iterations": mean(objective.best.iterations),
+             "fold_iterations": objective.best.iterations, "cv": best.user_attrs["cv"], "best_trial": best.number,
+             "trials": states, "ensemble": [{"trial": m.number, "cv_average_precision": m.value, "choice": m.choice,
+                                             "iterations": mean(m.iterations)} for m in members],
+             "oof_average_precision": oof_ap, "param_importance": param_importance(study),
+             "search": fam.search(context) | {"starts": starts[:cap], "max_trials": fam.max_trials},
+             "seconds": time.monotonic() - started}
+    log.info("%s: best trial %d, CV average precision %.4f (%s) in %.0f s", fam.name, best.number, best.value,
+             ", ".join(f"{n} {k.lower()}" for k, n in states.items()), entry["seconds"])
+    return entry, oof
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--time-budget", type=float, default=600,
                         help="seconds for the pipeline from --started-at to a serialized model (default 600)")
     parser.add_argument("--started-at", type=float, default=None,
                         help="epoch seconds the budget counts from (make all: before prepare; default: now)")
-    parser.add_argument("--n-trials", type=int, default=None, help="stop after this many trials (default: budget)")
+    parser.add_argument("--n-trials", type=int, default=None,
+                        help="stop each family after this many trials (default: budget)")
     parser.add_argument("--warm-start", type=Path, metavar="MODEL_DIR",
-                        help="try the parameters of this model first (06_retrain.py: the champion's)")
+                        help="try the configurations of this model first (06_retrain.py: the champion's)")
+    parser.add_argument("--families", default=None, metavar="A,B",
+                        help="the model families to search (default: the config's [model] families)")
     parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                         help="an MLflow tag for the run and the registered model (06_retrain.py: the alert)")
     args = parser.parse_args(argv)
     tags = dict(t.partition("=")[::2] for t in args.tag)
     config, layout = load_config(args.config), Layout(args.artifacts)
+    names = [n.strip() for n in args.families.split(",") if n.strip()] if args.families else list(config.families)
+    families = sorted((family(n) for n in dict.fromkeys(names)), key=lambda f: list(REGISTRY).index(f.name))
     prepared = read_json(require(layout.prepared, "prepare"))
     schema = Schema.from_dict(prepared["schema"])
     train = pd.read_parquet(require(layout.train, "prepare"))
     X, y = to_frame(train, schema), train[LABEL].to_numpy()
     started, end = time.monotonic(), (args.started_at or time.time()) + args.time_budget
     k, repeats = config.folds_for(len(train)), config.repeats_for(len(train))
-    folds = make_folds(X, y, k, repeats, config.seed, weights_of(train))
-    objective = Objective(folds, y, config.seed, end, test_rows=prepared["rows"]["test"])
-    sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=8)
-    # after 4 complete trials, a trial whose running mean falls below the median at a fold stops there
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
-    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner,
-                                study_name=f"{config.name}-xgboost")
-    first = [w for w in [warm_start(args.warm_start, objective.spw_max) if args.warm_start else None] if w]
-    starts = first + [s for s in STARTS if s not in first]
-    for start in starts[:args.n_trials]:  # with fewer trials allowed than starts, enqueue only those that run
-        study.enqueue_trial(start)
+    folds = make_folds(y, k, repeats, config.seed)
+    context = Context(schema=schema, spw_max=float((y == 0).sum() / max((y == 1).sum(), 1)), seed=config.seed,
+                      rows=len(train))
+    budget = Budget(end, FINAL_FIXED_S + prepared["rows"]["test"] * BOOTSTRAP_S_PER_ROW)
+    warm = warm_starts(args.warm_start, context) if args.warm_start else {}
     import mlflow
 
     uri = setup_mlflow(config.name)
+    entries, oofs = {}, {}
     with mlflow.start_run(run_name=run_name(config.name, "tune")) as parent:
         mlflow.log_params({"config": config.path.name, "cv_folds": k, "cv_repeats": repeats, "seed": config.seed,
                            "time_budget_s": args.time_budget, "n_trials_max": args.n_trials,
+                           "families": ",".join(f.name for f in families),
                            "train_rows": len(train), "train_positives": int(y.sum())})
         mlflow.set_tags({"stage": "tune", **{f"fingerprint.{k}": v for k, v in prepared["fingerprint"].items()},
                          **tags})
         mlflow.log_artifact(str(config.path), "config")
         log_split(train, "train", layout.train, config, prepared)  # the test split is logged by 03, which uses it
-        study.optimize(objective, n_trials=args.n_trials, catch=(),
-                       show_progress_bar=sys.stderr.isatty())
-        if objective.best_oof is None:
-            raise RareMLError("no trial completed within the time budget: raise BUDGET (--time-budget)")
-        best = study.best_trial
-        members = objective.ensemble()
-        oof = mean_margin([m.oof for m in members])
-        if len(members) > 1:
-            log.info("the final model averages trials %s: out-of-fold average precision %.4f, against %.4f "
-                     "for the best alone", [m.number for m in members], metrics.average_precision(y, oof),
-                     metrics.average_precision(y, members[0].oof))
-        mlflow.log_metrics({"ensemble_size": len(members), "oof_average_precision": metrics.average_precision(y, oof)})
-        ran = study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED, State.FAIL))
-        states = pd.Series([t.state.name for t in ran]).value_counts().to_dict()  # not the starts left waiting
-        mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
-        mlflow.log_metrics({"best_cv_average_precision": best.value, "tune_seconds": time.monotonic() - started,
-                            **{f"best_cv_{k}": v for k, v in best.user_attrs["cv"].items()},
-                            **{f"trials_{k.lower()}": v for k, v in states.items()}})
-        layout.tuning.mkdir(parents=True, exist_ok=True)
-        for name, figure in study_plots(study).items():
-            mlflow.log_figure(figure, f"tuning/{name}")
-            figure.savefig(layout.tuning / name, dpi=110, bbox_inches="tight")
-        history = study.trials_dataframe(attrs=("number", "value", "state", "duration", "params"))
-        history["duration"] = history["duration"].dt.total_seconds()
-        mlflow.log_table(history, "tuning/trials.json")
-        history.to_csv(layout.tuning / "trials.csv", index=False)
-    pd.DataFrame({LABEL: y, "score": oof}, index=train.index).to_parquet(layout.oof)
+        for i, fam in enumerate(families):
+            now = time.time()  # an equal share of what is left; what a family leaves passes to the next
+            share_end = now + max(budget.search_deadline() - now, 0.0) / (len(families) - i)
+            entries[fam.name], oofs[fam.name] = search_family(
+                fam, X, y, folds, weights_of(train), context, budget, share_end, args.n_trials, warm.get(fam.name),
+                f"{config.name}-{fam.name}", layout.tuning)
+        best = max(entries, key=lambda n: entries[n]["oof_average_precision"])
+        totals = pd.Series([e["trials"] for e in entries.values()]).apply(pd.Series).sum().astype(int).to_dict()
+        mlflow.log_metrics({"best_cv_average_precision": entries[best]["cv"]["average_precision"],
+                            "tune_seconds": time.monotonic() - started,
+                            **{f"trials_{k.lower()}": v for k, v in totals.items()}})
+        mlflow.set_tag("best_family", best)
+    pd.DataFrame({LABEL: y, **oofs}, index=train.index).to_parquet(layout.oof)
     write_json(layout.tuned, {
-        "params": base_params(config.seed) | xgb_params(best.params),
-        "encoding": best.params["encoding"],
-        "n_estimators": round(float(np.mean(objective.best_rounds))),
-        "fold_rounds": objective.best_rounds,
-        "cv": best.user_attrs["cv"], "best_trial": best.number, "trials": states,
-        "ensemble": [{"trial": m.number, "cv_average_precision": m.value, "params": base_params(config.seed) | m.params,
-                      "n_estimators": round(float(np.mean(m.rounds)))} for m in members],
-        "oof_average_precision": metrics.average_precision(y, oof),
-        "param_importance": param_importance(study),
-        "search": {"ranges": {k: list(v[:2]) + ["log" if v[2] else "linear"] for k, v in RANGES.items()},
-                   "grow_policies": list(GROW_POLICIES), "encodings": list(ENCODINGS), "starts": starts[:args.n_trials],
-                   "scale_pos_weight": [1.0, objective.spw_max], "cv_folds": k, "cv_repeats": repeats,
-                   "early_stopping_share": ES_SHARE, "early_stopping_rounds": EARLY_STOPPING, "max_rounds": MAX_ROUNDS,
-                   "metric": "average_precision", "sampler": "TPE (8 startup trials)",
-                   "pruner": "median (from the first fold, after 4 complete trials)"},
-        "budget": {"seconds": args.time_budget, "ends_at": end, "reserved_for_final_stage_s": objective.reserve()},
+        "families": entries, "best_family": best, "cv": entries[best]["cv"], "trials": totals,
+        "search": {"families": [f.name for f in families], "cv_folds": k, "cv_repeats": repeats,
+                   "early_stopping_share": ES_SHARE, "metric": "average_precision", "sampler": "TPE (8 startup trials)",
+                   "pruner": "median (from the first fold, after 4 complete trials)",
+                   "share": "families in turn, cheapest first, each an equal share of the search time left"},
+        "budget": {"seconds": args.time_budget, "ends_at": end, "reserved_for_final_stage_s": budget.reserve()},
         "mlflow": {"tracking_uri": uri, "experiment": config.name, "parent_run_id": parent.info.run_id, "tags": tags},
     })
-    log.info("best trial %d: CV average precision %.4f (%s) in %.0f s", best.number, best.value,
-             ", ".join(f"{n} {k.lower()}" for k, n in states.items()), time.monotonic() - started)
+    log.info("searched %s in %.0f s: best family %s, out-of-fold average precision %.4f",
+             ", ".join(entries), time.monotonic() - started, best, entries[best]["oof_average_precision"])
 
 
 if __name__ == "__main__":

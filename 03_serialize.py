@@ -1,7 +1,8 @@
-"""Stage 3: refit with the best parameters (on small data, the few best trials, averaged into one
+"""Stage 3: select the model families, or a blend of them, on their out-of-fold scores; refit each
+chosen family with its best configuration (on small data, XGBoost's few best trials averaged into one
 booster), calibrate, choose the threshold, evaluate once on the untouched test split, explain, and
-write artifacts/model/ (XGBoost's own format, calibrator and threshold as JSON, manifest with
-checksums); log it all to MLflow and register it as the `challenger` (the first model of an
+write artifacts/model/ (each family in its own format, never a pickle; calibrator and threshold as
+JSON; a manifest with checksums); log it all to MLflow and register it as the `challenger` (the first model of an
 artifacts folder is the `champion` too: see rareml/registry.py). `--promote [VERSION]` and
 `--rollback` move the aliases and train nothing.
 """
@@ -18,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import sklearn
-import xgboost as xgb
 
 from rareml import metrics, plots, registry
 from rareml.artifacts import Layout, read_json, write_json
@@ -27,19 +27,43 @@ from rareml.cli import require, run, stage_parser
 from rareml.config import Config, load_config
 from rareml.data import LABEL, numeric_reference, weights_of
 from rareml.errors import RareMLError
+from rareml.families import BLEND_STEPS, Context, blend, family, select
 from rareml.features import Schema, to_frame, to_records
-from rareml.model import MANIFEST_FILE, average_boosters, dmatrix, load_model, raw_scores, save_model, train_booster
+from rareml.model import MANIFEST_FILE, Member, Model, load_model, save_model
 from rareml.tracking import log_split, run_name, setup_mlflow, ui_command, ui_url
 
 log = logging.getLogger("03_serialize")
 SHAP_SAMPLE = 2000
 
 
-def explain(booster: xgb.Booster, X: pd.DataFrame, encoding: str, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
-    """SHAP values from XGBoost's own pred_contribs on a sample of the test split."""
+def explain(model: Model, X: pd.DataFrame, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """Per-feature contributions to the log-odds (SHAP values for trees) on a sample of the test split."""
     sample = X.sample(min(SHAP_SAMPLE, len(X)), random_state=seed)
-    contribs = booster.predict(dmatrix(sample, encoding=encoding), pred_contribs=True)[:, :-1]
-    return contribs, sample
+    return model.contributions(sample)[:, :-1], sample
+
+
+def selection(y: np.ndarray, scores: dict[str, np.ndarray], tuned: dict, seed: int) -> dict:
+    """Which families the model blends, with what weights, and why: each family's out-of-fold
+    average precision with a bootstrap interval, and the blend's (`rareml.families.select`)."""
+    weights = select(y, scores)
+    blended = blend([scores[n] for n in weights], list(weights.values()))
+    families = {}
+    for name, p in scores.items():
+        ap = metrics.evaluate(y, p, 0.5, n_boot=200, seed=seed)["average_precision"]
+        entry = tuned["families"][name]
+        families[name] = {"oof_average_precision": ap.value, "oof_average_precision_ci": [ap.low, ap.high],
+                          "cv_average_precision": entry["cv"]["average_precision"], "trials": entry["trials"],
+                          "weight": weights.get(name, 0.0)}
+    kind = next(iter(weights)) if len(weights) == 1 else f"blend of {', '.join(weights)}"
+    return {"chosen": kind, "weights": weights, "families": families,
+            "oof_average_precision": metrics.average_precision(y, blended),
+            "method": f"greedy ensemble selection with replacement (Caruana et al. 2004), at most {BLEND_STEPS} "
+                      "steps, on out-of-fold average precision of the log-odds blend"}
+
+
+def versions(members: list[dict]) -> dict[str, str]:
+    """The versions of the packages the members' families load with ("xgboost==3.2.0" -> xgboost: 3.2.0)."""
+    return dict(r.split("==", 1) for m in members for r in family(m["family"]).requirements())
 
 
 def fairness(test: pd.DataFrame, y: np.ndarray, decision: np.ndarray, schema: Schema) -> dict:
@@ -116,7 +140,7 @@ def log_to_mlflow(config: Config, tuned: dict, layout: Layout, manifest: dict, p
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(Path(__file__).parent / "rareml" / "mlflow_model.py"),
             artifacts={"model_dir": str(layout.model_dir)}, code_paths=[str(Path(__file__).parent / "rareml")],
-            pip_requirements=[f"xgboost=={xgb.__version__}", f"scikit-learn=={sklearn.__version__}",
+            pip_requirements=[*(f"{k}=={v}" for k, v in versions(manifest["members"]).items()), f"scikit-learn=={sklearn.__version__}",
                               f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}"])
         client = mlflow.MlflowClient()
         try:
@@ -158,25 +182,43 @@ def main(argv: list[str] | None = None) -> None:
     schema = Schema.from_dict(prepared["schema"])
     train, test = pd.read_parquet(require(layout.train, "prepare")), pd.read_parquet(require(layout.test, "prepare"))
     started = time.monotonic()
-    encoding = tuned["encoding"]
-    members = tuned.get("ensemble") or [{"params": tuned["params"], "n_estimators": tuned["n_estimators"]}]
-    dtrain = dmatrix(to_frame(train, schema), train[LABEL].to_numpy(), encoding, weights_of(train))
-    booster = average_boosters([train_booster(m["params"], dtrain, m["n_estimators"]) for m in members])
-    y_oof, raw_oof = oof[LABEL].to_numpy(), oof["score"].to_numpy()
+    entries = tuned["families"]
+    y_oof = oof[LABEL].to_numpy()
+    scores = {name: oof[name].to_numpy() for name in entries}
+    chosen = selection(y_oof, scores, tuned, config.seed)
+    X_train, y_train = to_frame(train, schema), train[LABEL].to_numpy()
+    context = Context(schema=schema, spw_max=float((y_train == 0).sum() / max((y_train == 1).sum(), 1)),
+                      seed=config.seed, rows=len(train))
+    fits = {}  # every searched family is refitted: the chosen ones serve, all are reported on the test split
+    for name, entry in entries.items():
+        fam = family(name)
+        fits[name] = fam.refit(entry["ensemble"], fam.prepare(X_train, y_train, weights_of(train)), context)
+    members = [{"family": name, "weight": weight, "fitted": fits[name], "choice": entries[name]["choice"],
+                "trials": [{"trial": m["trial"], "iterations": m["iterations"]} for m in entries[name]["ensemble"]]}
+               for name, weight in chosen["weights"].items()]
+    raw_oof = blend([scores[n] for n in chosen["weights"]], list(chosen["weights"].values()))
     calibrator, calibration_cv = select_calibrator(y_oof, raw_oof, seed=config.seed)
     p_oof = calibrator.predict(raw_oof)
     choice = metrics.choose_threshold(y_oof, p_oof, config.threshold)
     if not choice.met:
         log.warning("the %s floor cannot be met on out-of-fold scores: threshold set as close as possible",
                     config.threshold.metric)
+    model = Model([Member(m["family"], m["weight"], family(m["family"]).scorer(m["fitted"], schema), {})
+                   for m in members], calibrator, schema, {})
     X_test, y_test = to_frame(test, schema), test[LABEL].to_numpy()
-    raw_test = raw_scores(booster, dmatrix(X_test, encoding=encoding))
+    rows_test = model.rows(X_test)
+    raw_test = model.raw_rows(rows_test)
     p_test = calibrator.predict(raw_test)
+    for name, fitted in fits.items():  # each family alone on the test split: reported, never used to choose
+        alone = metrics.evaluate(y_test, family(name).scorer(fitted, schema).raw(rows_test), 0.5, n_boot=200,
+                                 seed=config.seed)["average_precision"]
+        chosen["families"][name] |= {"test_average_precision": alone.value,
+                                     "test_average_precision_ci": [alone.low, alone.high]}
     evaluation = metrics.evaluate(y_test, p_test, choice.threshold, n_boot=args.bootstrap, seed=config.seed)
-    contribs, sample = explain(booster, X_test, encoding, config.seed)
+    contribs, sample = explain(model, X_test, config.seed)
     importance = dict(zip(schema.names, np.abs(contribs).mean(axis=0).round(6).tolist()))
-    manifest = save_model(layout.model_dir, booster, calibrator, examples=examples(test, schema, config.seed), manifest={
-        "name": config.name, "encoding": encoding, "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    manifest = save_model(layout.model_dir, members, calibrator, examples=examples(test, schema, config.seed), manifest={
+        "name": config.name, "selection": chosen, "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "threshold": choice.to_dict() | {"policy": vars(config.threshold)},
         "metrics": {"test": {k: e.value for k, e in evaluation.items()},
                     "test_ci": {k: [e.low, e.high] for k, e in evaluation.items()},
@@ -187,15 +229,13 @@ def main(argv: list[str] | None = None) -> None:
                     "fairness": fairness(test, y_test, p_test >= choice.threshold, schema)},
         "calibration": {"method": calibrator.method, "cv": calibration_cv, "test_ece": metrics.ece(y_test, p_test)},
         "importance": dict(sorted(importance.items(), key=lambda kv: -kv[1])),
-        "params": tuned["params"] | {"n_estimators": tuned["n_estimators"]},
-        "ensemble": [{"trial": m.get("trial"), "n_estimators": m["n_estimators"]} for m in members],
         # prediction drift is judged against the final model's scores on the test split (the out-of-fold
         # scores come from the fold models, distributed differently: PSI ~0.27 on the test split itself)
         "schema": schema.to_dict(), "reference": prepared["reference"] | {"__score__": numeric_reference(p_test)},
         "data": {"fingerprint": prepared["fingerprint"], "split": prepared["split"], "rows": prepared["rows"]},
         "lineage": lineage(root, config, prepared, train),
-        "versions": {"python": platform.python_version(), "xgboost": xgb.__version__,
-                     "scikit-learn": sklearn.__version__, "pandas": pd.__version__},
+        "versions": {"python": platform.python_version(), "scikit-learn": sklearn.__version__,
+                     "pandas": pd.__version__, **versions(members)},
     })
     reloaded = load_model(layout.model_dir).predict_proba(test)
     if not np.array_equal(reloaded, p_test):

@@ -82,10 +82,23 @@ def model_card(model: Model) -> str:
     m = model.manifest
     test, ci = m["metrics"]["test"], m["metrics"]["test_ci"]
     rows = "".join(f"| {k} | {v:.4f} | [{ci[k][0]:.4f}, {ci[k][1]:.4f}] |\n" for k, v in test.items() if k in ci)
-    return (f"## {m['name']}, version {model.version}\n\nTrained {m['trained_at']}; {m['calibration']['method']} "
+    return (f"## {m['name']}, version {model.version}\n\n{describe_family(model)}\n\n"
+            f"Trained {m['trained_at']}; {m['calibration']['method']} "
             f"calibration; threshold {model.threshold:.4f} ({m['threshold']['metric']}).\n\n"
             f"| test metric | value | 95% interval |\n|---|---|---|\n{rows}\n"
             f"No-skill average precision (the positive rate): {m['metrics']['no_skill']['average_precision']:.4f}.")
+
+
+def describe_family(model: Model) -> str:
+    """Which families the model is, with weights, and each searched family's out-of-fold average precision."""
+    weights = ", ".join(f"{m.family} {m.weight:.2f}" for m in model.members)
+    text = f"Model: **{model.kind}**" + (f" (weights {weights})" if len(model.members) > 1 else "") + "."
+    families = (model.manifest.get("selection") or {}).get("families", {})
+    if families:
+        text += " Out-of-fold average precision: " + "; ".join(
+            f"{name} {f['oof_average_precision']:.4f} [{f['oof_average_precision_ci'][0]:.4f}, "
+            f"{f['oof_average_precision_ci'][1]:.4f}]" for name, f in families.items()) + "."
+    return text
 
 
 def fairness_rows(model: Model) -> list[list]:
@@ -150,7 +163,8 @@ def build(artifacts: Path, api_url: str | None = None) -> gr.Blocks:
                 with gr.Column(scale=2):
                     probability = gr.Textbox(label="Probability (calibrated)", elem_id="probability")
                     decision = gr.Markdown(elem_id="decision")
-                    gr.Markdown("**This case's top contributions** (SHAP, log-odds)")
+                    gr.Markdown("**This case's top contributions** (log-odds: SHAP values for trees, "
+                                "coefficient times value for a linear member)")
                     plot = gr.Plot(show_label=False)
             counter = gr.State(0)
             go.click(predict, inputs, [probability, decision, plot], api_name="predict")

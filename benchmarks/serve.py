@@ -144,13 +144,22 @@ def interleaved(rounds: int, first, second) -> tuple[dict, dict]:
             b | {"rounds_per_s": [p[1]["requests_per_s"] for p in pairs], "round_ratios": ratios})
 
 
+def describe(model) -> str:
+    """The model's members as the table says them: "xgboost (389 trees)", "blend of linear 0.4, xgboost 0.6"."""
+    parts = []
+    for m in model.members:
+        trees = f" ({m.entry['trees']} trees)" if "trees" in m.entry else ""
+        parts.append(m.family + trees + (f" {m.weight:.2f}" if len(model.members) > 1 else ""))
+    return parts[0] if len(parts) == 1 else "blend of " + ", ".join(parts)
+
+
 def raw_rows_per_s(model, rows: np.ndarray, seconds: float = 5) -> float:
-    """Booster.inplace_predict on the encoded rows, as the server's batch path calls it."""
+    """The members' uncalibrated scores for the encoded rows, as the server's batch path computes them."""
     x = model.encoder.model_rows(rows)
-    model.booster.inplace_predict(x)
+    model.raw_rows(x)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        model.booster.inplace_predict(x)
+        model.raw_rows(x)
         n += 1
     return n * len(x) / (time.perf_counter() - start)
 
@@ -161,7 +170,7 @@ def batch_breakdown(model, records: list[dict], repeats: int = 30) -> dict[str, 
     import orjson
 
     body = orjson.dumps({"records": records})
-    model.booster.set_param({"nthread": 1})
+    model.threads(1)
     steps = {"parse JSON": lambda: orjson.loads(body), "validate and encode": lambda: model.encoder.encode_many(records),
              "predict (1 thread)": lambda: model.predict_rows(model.encoder.model_rows(rows)),
              "answer JSON": lambda: orjson.dumps({"predictions": [{"probability": p, "decision": 0, "threshold": 0.5,
@@ -178,7 +187,7 @@ def batch_breakdown(model, records: list[dict], repeats: int = 30) -> dict[str, 
         for _ in range(repeats):
             step()
         out[name] = (time.perf_counter() - start) / repeats * 1e3
-    model.booster.set_param({"nthread": os.cpu_count() or 1})
+    model.threads(os.cpu_count() or 1)
     return out
 
 
@@ -227,7 +236,8 @@ def main() -> None:
     batch_rows = batched["requests_per_s"] * len(records)
     column_rows = by_column["requests_per_s"] * len(records)
     result = {
-        "model_version": model.version, "trees": model.booster.num_boosted_rounds(), "workers": args.workers,
+        "model_version": model.version, "family": model.kind,
+        "members": [m.entry for m in model.members], "workers": args.workers,
         "connections": args.connections, "seconds": args.seconds,
         "machine": f"{platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "health": health, "predict": predict, "batch": batched | {"rows_per_s": batch_rows},
@@ -240,7 +250,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
     table = (f"# Serving speed ({time.strftime('%Y-%m-%d')}, {result['machine']})\n\n"
-             f"Model {model.version}: {result['trees']} trees; gunicorn with {args.workers} buffered threaded workers; "
+             f"Model {model.version} ({describe(model)}); gunicorn with {args.workers} buffered threaded workers; "
              f"wrk with {args.connections} connections (batch: {args.workers}), {args.seconds} s per row; "
              "server and load share the machine.\n\n"
              "| endpoint | requests/s | p50 ms | p99 ms | non-2xx |\n|---|---|---|---|---|\n" +

@@ -8,6 +8,7 @@ from pathlib import Path
 from rareml.errors import RareMLError
 
 LARGE_ROWS, SMALL_ROWS = 50_000, 20_000
+DEFAULT_FAMILIES = ("xgboost",)
 THRESHOLD_METRICS = ("f1", "fbeta", "mcc", "min_precision", "min_recall", "cost")
 
 
@@ -61,6 +62,7 @@ class Config:
     max_categories: int = 200
     threshold: ThresholdPolicy = field(default_factory=ThresholdPolicy)
     retrain: RetrainPolicy = field(default_factory=RetrainPolicy)
+    families: tuple[str, ...] = DEFAULT_FAMILIES  # [model] families: searched by 02_tune, selected or blended by 03
 
     def folds_for(self, train_rows: int) -> int:
         """Stratified CV folds for tuning: as configured, else 5 (3 for large data, where each fold
@@ -89,7 +91,9 @@ _TYPES = {
     "name": str, "data": str, "target": str, "positive": (int, str, bool), "drop": list,
     "sensitive": list, "time": str, "weight": str, "test_data": str, "categorical": list, "numeric": list, "test_size": float,
     "cv_folds": int, "cv_repeats": int, "seed": int, "max_categories": int, "threshold": dict, "retrain": dict,
+    "model": dict,
 }
+_MODEL_TYPES = {"families": list}
 _THRESHOLD_TYPES = {"metric": str, "beta": float, "min_precision": float, "min_recall": float,
                     "cost_fp": float, "cost_fn": float}
 _RETRAIN_TYPES = {"min_new_labels": int, "window_days": float, "production_weight": float, "gate_share": float,
@@ -139,6 +143,18 @@ def _retrain_policy(table: dict, where: str) -> RetrainPolicy:
     return policy
 
 
+def _families(table: dict, where: str) -> tuple[str, ...]:
+    from rareml.families import REGISTRY
+
+    _check_types(table, _MODEL_TYPES, f"{where} [model]")
+    names = tuple(table.get("families", DEFAULT_FAMILIES))
+    unknown = [n for n in names if n not in REGISTRY]
+    if not names or unknown or len(set(names)) != len(names):
+        raise RareMLError(f"{where} [model]: families must name each of {', '.join(REGISTRY)} at most once, "
+                          f"at least one: not {list(names)}")
+    return names
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a dataset config; every problem names the key."""
     path = Path(path).resolve()
@@ -164,6 +180,7 @@ def load_config(path: str | Path) -> Config:
         seed=table.get("seed", 42), max_categories=table.get("max_categories", 200),
         threshold=_threshold_policy(table.get("threshold", {}), path.name),
         retrain=_retrain_policy(table.get("retrain", {}), path.name),
+        families=_families(table.get("model", {}), path.name),
     )
     if not 0 < config.test_size < 1:
         raise RareMLError(f"{path.name}: test_size must be between 0 and 1")

@@ -94,6 +94,20 @@ def to_frame(data: pd.DataFrame | Iterable[Mapping], schema: Schema) -> pd.DataF
     return pd.DataFrame(out, index=frame.index)
 
 
+def frame_rows(frame: pd.DataFrame) -> np.ndarray:
+    """`to_frame`'s frame as the encoded rows the API scores (`RecordEncoder.model_rows`): numbers as
+    floats, a category as its position among the training levels, NaN for missing."""
+    columns = []
+    for name in frame.columns:
+        col = frame[name]
+        if col.dtype == "category":
+            codes = col.cat.codes.to_numpy(np.float64)
+            columns.append(np.where(codes < 0, np.nan, codes))
+        else:
+            columns.append(col.to_numpy(np.float64))
+    return np.column_stack(columns) if columns else np.empty((len(frame), 0))
+
+
 def unseen_levels(frame: pd.DataFrame, schema: Schema) -> dict[str, int]:
     """How many non-missing categorical values per feature are not training levels."""
     counts = {}

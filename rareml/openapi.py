@@ -233,10 +233,16 @@ def _model_card(feature_names: dict) -> dict:
             "target": STRING, "positive": {"description": "The target value counted as positive."},
             "sensitive": {"type": "array", "items": STRING}, "ignored": {"type": "array", "items": STRING},
             "max_batch": {"type": "integer"}, "features": {"type": "array", "items": feature},
+            "family": {"type": "string", "description": "The model family, or \"blend of a, b\"."},
+            "members": {"type": "array", "items": _object({"family": STRING, "weight": NUMBER}, ["family", "weight"]),
+                        "description": "Each family in the model and its weight in the log-odds blend."},
+            "selection": {"type": ["object", "null"], "description": "Why these families: each one's out-of-fold "
+                          "average precision with a 95% interval, the blend's, the weights and the method (null for a "
+                          "model serialized before model families)."},
             "lineage": {"type": ["object", "null"], "description": "Parent champion, training window, data fingerprint."},
             "gate": {"type": ["object", "null"], "description": "The gate's decision and evidence that promoted this "
                                                                 "model (06_retrain.py); null for one promoted by hand."}}
-    return _object(card, [k for k in card if k not in ("ignored", "lineage", "gate")], description="What is served, how good it is, "
+    return _object(card, [k for k in card if k not in ("ignored", "lineage", "gate", "selection")], description="What is served, how good it is, "
                                                                           "what it expects.")
 
 

@@ -40,8 +40,8 @@ FIGURES = {  # file under the run's reports/ (or tuning/), caption
     "confusion": ("reports/confusion_matrix.png", "Confusion matrix on the test split at the production threshold."),
     "shap_importance": ("reports/shap_importance.png", "Global importance: mean absolute SHAP value per feature."),
     "shap_beeswarm": ("reports/shap_beeswarm.png", "SHAP values of a test sample: direction and spread per feature."),
-    "optuna_history": ("tuning/optuna_history.png", "Optuna's optimisation history (CV average precision per trial)."),
-    "optuna_importance": ("tuning/optuna_param_importances.png", "Optuna's parameter importance (fANOVA)."),
+    "optuna_history": ("tuning/{family}/optuna_history.png", "Optuna's optimisation history (CV average precision per trial)."),
+    "optuna_importance": ("tuning/{family}/optuna_param_importances.png", "Optuna's parameter importance (fANOVA)."),
 }
 THRESHOLD_WHY = {
     "f1": "maximises F1: no error costs are known, precision and recall matter equally",
@@ -238,22 +238,33 @@ def ci_stages(project: Path = PROJECT) -> list[dict]:
     return stages
 
 
+def main_family(tuned: dict, manifest: dict) -> str:
+    """The family the decisions section details: the heaviest in the model, else the best searched."""
+    weights = manifest.get("selection", {}).get("weights") or {}
+    return max(weights, key=weights.get) if weights else tuned["best_family"]
+
+
 def decisions(tuned: dict, manifest: dict) -> dict:
-    search = tuned.get("search", {})
-    trials = tuned.get("trials", {})
+    search, name = tuned.get("search", {}), main_family(tuned, manifest)
+    entry = tuned["families"][name]
+    space, trials = entry.get("search", {}), tuned.get("trials", {})
     calibration = manifest["calibration"]
     threshold = manifest["threshold"]
-    return {"ranges": search.get("ranges", {}), "starts": search.get("starts", []),
-            "grow_policies": search.get("grow_policies", []), "encodings": search.get("encodings", []),
-            "scale_pos_weight": search.get("scale_pos_weight"), "sampler": search.get("sampler"),
-            "pruner": search.get("pruner"), "max_rounds": search.get("max_rounds"),
+    choice = dict(entry["choice"])
+    encoding = choice.pop("encoding", None)
+    return {"family": name, "selection": manifest.get("selection"),
+            "space": {k: v for k, v in space.items() if k not in ("starts", "max_trials")},
+            "ranges": space.get("ranges", {}), "starts": space.get("starts", []),
+            "grow_policies": space.get("grow_policies", []), "encodings": space.get("encodings", []),
+            "scale_pos_weight": space.get("scale_pos_weight"), "sampler": search.get("sampler"),
+            "pruner": search.get("pruner"), "max_rounds": space.get("max_rounds"),
             "budget_s": tuned.get("budget", {}).get("seconds"), "trials": trials,
             "complete": trials.get("COMPLETE", 0), "pruned": trials.get("PRUNED", 0),
-            "best_trial": tuned.get("best_trial"), "best_cv": tuned.get("cv", {}),
-            "params": {k: v for k, v in manifest["params"].items() if k not in ("seed", "nthread", "verbosity")},
-            "encoding": manifest["encoding"], "ensemble": manifest.get("ensemble", []),
-            "oof_average_precision": tuned.get("oof_average_precision"),
-            "param_importance": tuned.get("param_importance", {}),
+            "best_trial": entry.get("best_trial"), "best_cv": entry.get("cv", {}),
+            "params": choice | {"n_estimators": entry.get("iterations")}, "encoding": encoding,
+            "ensemble": [{"trial": m["trial"], "n_estimators": m["iterations"]} for m in entry.get("ensemble", [])],
+            "oof_average_precision": entry.get("oof_average_precision"),
+            "param_importance": entry.get("param_importance", {}),
             "calibration": {"method": calibration["method"], "candidates": calibration["cv"],
                             "test_ece": calibration["test_ece"]},
             "threshold": threshold, "validation": manifest["metrics"]["validation"]}
@@ -371,8 +382,12 @@ def gather(root: Path, config: Config, out: Path, which: str = registry.CHAMPION
     layout = Layout(run)
     prepared, tuned = read_json(layout.prepared), read_json(layout.tuned)
     manifest = read_json(layout.model_dir / MANIFEST_FILE)
+    if "families" not in tuned:
+        raise RareMLError(f"{layout.tuned} was written before model families (rareml 0.x): run make tune and make "
+                          "serialize again to report on it")
     figures, missing = {}, {}
     for key, (name, caption) in FIGURES.items():
+        name = name.format(family=main_family(tuned, manifest))
         path = run / name
         if path.is_file():
             figures[key] = {"key": key, "source": name, "caption": caption, "src": data_uri(path)}

@@ -67,12 +67,12 @@ class Served:
 
     @classmethod
     def load(cls, model_dir: str | Path, threads: int | None = None) -> Served:
-        """Load and verify the folder, compile the trees and check them against XGBoost (a
-        RareMLError on any problem); `threads`: XGBoost threads per batch prediction."""
+        """Load and verify the folder, ready each member's serving path and check it on the saved
+        examples (a RareMLError on any problem); `threads`: threads per batch prediction."""
         model = load_model(model_dir)
-        model.compile()
+        model.check()
         if threads:
-            model.booster.set_param({"nthread": threads})
+            model.threads(threads)
         return cls(model, model.encoder, model.threshold, model.version, registry.gate_of(model_dir))
 
 
@@ -294,6 +294,8 @@ class Service:
                 "threshold": m["threshold"],
                 "metrics": {k: m["metrics"][k] for k in ("test", "test_ci", "validation", "no_skill", "fairness")},
                 "calibration": m["calibration"]["method"], "importance": m["importance"],
+                "family": model.kind, "members": [{"family": x.family, "weight": x.weight} for x in model.members],
+                "selection": m.get("selection"),
                 "target": model.schema.target, "positive": model.schema.positive,
                 "sensitive": list(model.schema.sensitive), "ignored": list(getattr(model.schema, "ignored", ())),
                 "max_batch": self.max_batch, "features": model.schema.to_dict()["features"],

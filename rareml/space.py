@@ -14,7 +14,7 @@ from pathlib import Path
 from rareml import registry
 from rareml.cli import run
 from rareml.errors import RareMLError
-from rareml.model import verify_model_dir
+from rareml.model import members_of, verify_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 # What app.py imports, and what those import: no MLflow, Optuna, Flask or scikit-learn in the Space.
@@ -68,6 +68,9 @@ def build_space(artifacts: Path, out: Path) -> Path:
     shutil.copy2(ROOT / "app.py", out / "app.py")
     for module in MODULES:
         shutil.copy2(ROOT / "rareml" / f"{module}.py", out / "rareml" / f"{module}.py")
+    (out / "rareml" / "families").mkdir()  # the families interface, and the modules of the model's members only
+    for name in ["__init__", *(m["family"] for m in members_of(manifest))]:
+        shutil.copy2(ROOT / "rareml" / "families" / f"{name}.py", out / "rareml" / "families" / f"{name}.py")
     shutil.copytree(champion, out / "artifacts" / "model")
     (out / "artifacts" / "reports").mkdir()
     for figure in (artifacts / "reports").glob("*.png"):

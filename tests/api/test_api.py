@@ -112,7 +112,8 @@ def test_explanation_adds_up_to_the_log_odds(client, model, records, test_frame)
         top = explanation["top"]
         assert sorted(t["feature"] for t in top) == sorted(names)  # top=100: every feature
         contributions = model.contributions(test_frame.iloc[[i]])[0]
-        log_odds = model.booster.predict(model.dmatrix(test_frame.iloc[[i]]), output_margin=True)[0]
+        raw = model.raw_rows(model.rows(test_frame.iloc[[i]]))[0]
+        log_odds = np.log(raw / (1 - raw))
         assert explanation["bias"] + sum(t["contribution"] for t in top) == pytest.approx(log_odds, abs=1e-4)
         assert explanation["bias"] == pytest.approx(contributions[-1], abs=1e-5)
         for t in top:
@@ -126,7 +127,7 @@ def test_explanation_adds_up_to_the_log_odds(client, model, records, test_frame)
     assert_error(post(client, "/predict?explain=true&top=many", records[3]), 422, "wrong_type", "top")
 
 
-@pytest.mark.parametrize("size", [5, 40])  # 5: the compiled trees; 40 (> Model.SMALL): XGBoost
+@pytest.mark.parametrize("size", [5, 40])  # 5: the compiled trees; 40 (> Trees.SMALL): XGBoost
 def test_batch_keeps_the_order_and_equals_single_predictions(client, model, records, test_frame, size):
     rows = np.random.default_rng(size).choice(len(records), size, replace=False)
     got = batch(client, [records[i] for i in rows])

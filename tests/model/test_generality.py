@@ -32,5 +32,7 @@ def tune(census_small: Path, folder: Path) -> dict:
 
 def test_same_seed_same_result(census_small, tmp_path):
     first, second = tune(census_small, tmp_path / "a"), tune(census_small, tmp_path / "b")
-    for key in ("params", "n_estimators", "fold_rounds", "cv", "best_trial", "ensemble", "oof_average_precision"):
-        assert first[key] == second[key], key
+    assert first["families"].keys() == second["families"].keys() and first["best_family"] == second["best_family"]
+    for name, entry in first["families"].items():
+        for key in ("choice", "iterations", "fold_iterations", "cv", "best_trial", "ensemble", "oof_average_precision"):
+            assert entry[key] == second["families"][name][key], (name, key)

@@ -41,10 +41,17 @@ def client(trained):
 
 
 def test_model_folder_holds_no_pickle(model_dir):
-    assert sorted(p.name for p in model_dir.iterdir()) == ["calibrator.json", "examples.json", "manifest.json",
-                                                            "model.ubj"]
-    assert (model_dir / "model.ubj").read_bytes()[:1] == b"{"  # UBJSON object, XGBoost's own format
-    json.loads((model_dir / "calibrator.json").read_text())
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    member_files = [name for m in manifest["members"] for name in m["files"]]
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(["calibrator.json", "examples.json", "manifest.json",
+                                                                   *member_files])
+    for path in model_dir.iterdir():
+        head = path.read_bytes()[:2]
+        assert head[:1] != b"\x80" and head != b"PK", f"{path.name} looks like a pickle or a zip (torch.save)"
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".ubj":
+            assert head[:1] == b"{"  # UBJSON object, XGBoost's own format
 
 
 def test_manifest_carries_what_serving_and_monitoring_need(model_dir):
@@ -56,20 +63,43 @@ def test_manifest_carries_what_serving_and_monitoring_need(model_dir):
     assert {f["name"] for f in manifest["schema"]["features"]} == set(manifest["reference"]) - {"__score__"}
     assert set(manifest["metrics"]["fairness"]) == {"sex", "race"}
     assert manifest["data"]["fingerprint"]["data_file_sha256"]
-    assert manifest["versions"]["xgboost"] and set(manifest["files"]) == {"model.ubj", "calibrator.json",
-                                                                            "examples.json"}
+    members = manifest["members"]
+    assert all(manifest["versions"].get(m["family"]) or m["family"] == "linear" for m in members)
+    assert set(manifest["files"]) == {"calibrator.json", "examples.json", *(f for m in members for f in m["files"])}
+    assert sum(m["weight"] for m in members) == pytest.approx(1.0) and all(m["weight"] > 0 for m in members)
+    assert manifest["selection"]["weights"] == {m["family"]: m["weight"] for m in members}
 
 
 def test_the_booster_holds_the_trees_of_every_trial_it_averages(trained, model_dir):
     tuned = json.loads((trained / "artifacts" / "tuned.json").read_text())
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    members = tuned["ensemble"]
-    assert members[0]["trial"] == tuned["best_trial"] and 1 <= len(members) <= 5
-    assert [m["n_estimators"] for m in manifest["ensemble"]] == [m["n_estimators"] for m in members]
-    assert load_model(model_dir).booster.num_boosted_rounds() == sum(m["n_estimators"] for m in members)
+    entry = tuned["families"]["xgboost"]
+    members = entry["ensemble"]
+    assert members[0]["trial"] == entry["best_trial"] and 1 <= len(members) <= 5
+    booster = xgboost_member(model_dir).booster
+    assert booster.num_boosted_rounds() == sum(m["iterations"] for m in members)
     oof = pd.read_parquet(trained / "artifacts" / "oof.parquet")
-    assert metrics.average_precision(oof[LABEL].to_numpy(), oof["score"].to_numpy()) == \
-        pytest.approx(tuned["oof_average_precision"])
+    for name, searched in tuned["families"].items():
+        assert metrics.average_precision(oof[LABEL].to_numpy(), oof[name].to_numpy()) == \
+            pytest.approx(searched["oof_average_precision"])
+
+
+def xgboost_member(model_dir: Path):
+    """The trained model's XGBoost member (alone or in a blend), as it serves; the XGBoost family
+    is always searched, and its fit is refitted even when the blend leaves it out."""
+    model = load_model(model_dir)
+    found = [m.scorer for m in model.members if m.family == "xgboost"]
+    if found:
+        return found[0]
+    from rareml.families import Context
+    from rareml.families.xgboost import FAMILY
+    from rareml.features import to_frame
+
+    artifacts = model_dir.parent
+    tuned = json.loads((artifacts / "tuned.json").read_text())
+    train = pd.read_parquet(artifacts / "train.parquet")
+    fitted = FAMILY.refit(tuned["families"]["xgboost"]["ensemble"], FAMILY.prepare(
+        to_frame(train, model.schema), train[LABEL].to_numpy()), Context(model.schema, 1.0, 0, len(train)))
+    return FAMILY.scorer(fitted, model.schema)
 
 
 def test_examples_are_held_out_records_of_each_outcome(model_dir, test_split):
@@ -112,8 +142,9 @@ def test_invariance_to_extra_fields_and_robust_to_unseen_levels(model_dir, test_
 def test_contributions_add_up_to_the_raw_score(model_dir, test_split):
     model = load_model(model_dir)
     contribs = model.contributions(test_split.head(30))
-    raw = model.booster.predict(model.dmatrix(test_split.head(30)))
+    raw = model.raw_rows(model.rows(test_split.head(30)))
     assert np.allclose(1 / (1 + np.exp(-contribs.sum(axis=1))), raw, atol=1e-5)
+    assert contribs.shape == (30, len(model.schema.names) + 1)
 
 
 def copy_of(model_dir: Path, tmp_path: Path) -> Path:
@@ -128,7 +159,7 @@ def edit_manifest(folder: Path, change) -> None:
 
 def test_the_manifest_is_checksummed_and_makes_the_version(model_dir):
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and re.fullmatch(r"[0-9a-f]{12}", manifest["model_version"])
+    assert manifest["format_version"] == 3 and re.fullmatch(r"[0-9a-f]{12}", manifest["model_version"])
     assert content_version(manifest) == manifest["model_version"]  # floats, NaNs read back: the same digest
     assert manifest_sha256(manifest) == manifest["manifest_sha256"]
 
@@ -180,20 +211,32 @@ def test_serializing_the_same_inputs_again_gives_the_same_version(trained, censu
 
 
 def test_a_format_1_folder_still_loads_with_a_warning(model_dir, tmp_path, test_split, caplog):
-    """The folder as rareml wrote it before the manifest was checksummed (format 1)."""
+    """A folder as rareml wrote it before the manifest was checksummed (format 1): one booster,
+    model.ubj, no members; made here from the trained model's XGBoost member and calibrator."""
     folder = copy_of(model_dir, tmp_path)
-    files = json.loads((folder / "manifest.json").read_text())["files"]
+    trees = xgboost_member(model_dir)
+    for m in json.loads((folder / "manifest.json").read_text())["members"]:
+        for name in m["files"]:
+            (folder / name).unlink()
+    trees.booster.save_model(folder / "model.ubj")
+    from rareml.artifacts import file_sha256
+
+    files = {n: file_sha256(folder / n) for n in ("model.ubj", "calibrator.json", "examples.json")}
     legacy = hashlib.sha256((files["model.ubj"] + files["calibrator.json"]).encode()).hexdigest()[:12]
-    edit_manifest(folder, lambda m: (m.pop("manifest_sha256"), m.update(format_version=1, model_version=legacy)))
+    edit_manifest(folder, lambda m: (m.pop("manifest_sha256"), m.pop("members"),
+                                     m.update(format_version=1, model_version=legacy, files=files, encoding=trees.encoding)))
     with caplog.at_level(logging.WARNING, logger="rareml.model"):
         old = load_model(folder)
     assert old.version == legacy and "model format 1" in caplog.text and "make serialize" in caplog.text
-    assert np.array_equal(old.predict_proba(test_split.head(50)), load_model(model_dir).predict_proba(
-        test_split.head(50)))
+    model = load_model(model_dir)
+    rows = model.rows(test_split.head(50))
+    assert np.array_equal(old.predict_proba(test_split.head(50)), model.calibrator.predict(trees.raw(rows)))
 
 
-@pytest.mark.parametrize("damage", ["model.ubj", "calibrator.json", "manifest.json", "examples.json"])
+@pytest.mark.parametrize("damage", ["member", "calibrator.json", "manifest.json", "examples.json"])
 def test_tampered_or_missing_files_refuse_to_load(model_dir, tmp_path, damage):
+    if damage == "member":
+        damage = json.loads((model_dir / "manifest.json").read_text())["members"][-1]["files"][0]
     copy = tmp_path / "model"
     copy.mkdir()
     for f in model_dir.iterdir():
@@ -211,17 +254,19 @@ def test_mlflow_has_a_parent_run_and_one_child_run_per_trial(trained, client):
     parent_id = tuned["mlflow"]["parent_run_id"]
     parent = client.get_run(parent_id)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert len(children) == sum(tuned["trials"].values()) == 4
+    assert len(children) == sum(tuned["trials"].values()) == 4 * len(tuned["families"])
     for child in children:
-        assert child.data.tags["state"] in ("COMPLETE", "PRUNED")
-        assert "learning_rate" in child.data.params and "duration_s" in child.data.metrics
+        assert child.data.tags["state"] in ("COMPLETE", "PRUNED") and child.data.tags["family"] in tuned["families"]
+        assert child.data.params["family"] == child.data.tags["family"] and "duration_s" in child.data.metrics
+        assert "learning_rate" in child.data.params or child.data.tags["family"] != "xgboost"
     complete = [c for c in children if c.data.tags["state"] == "COMPLETE"]
     assert complete and all("cv_average_precision_mean" in c.data.metrics for c in complete)
     assert parent.data.metrics["best_cv_average_precision"] == max(
         c.data.metrics["cv_average_precision_mean"] for c in complete)
     assert "test_average_precision_ci_low" in parent.data.metrics
     artifacts = {a.path for folder in ("tuning", "reports", "config") for a in client.list_artifacts(parent_id, folder)}
-    for name in ("tuning/optuna_history.png", "tuning/optuna_param_importances.png", "reports/pr_roc.png",
+    artifacts |= {a.path for name in tuned["families"] for a in client.list_artifacts(parent_id, f"tuning/{name}")}
+    for name in ("tuning/xgboost/optuna_history.png", "tuning/xgboost/optuna_param_importances.png", "reports/pr_roc.png",
                  "reports/reliability.png", "reports/threshold.png", "reports/confusion_matrix.png",
                  "reports/shap_beeswarm.png", "reports/shap_importance.png", "config/config.toml"):
         assert name in artifacts, name
@@ -239,9 +284,14 @@ def test_registry_champion_serves_the_same_probabilities(trained, client, model_
 
 def test_servers_check_the_compiled_trees_against_xgboost_before_serving(model_dir):
     model = load_model(model_dir)
-    model.compile()  # the trained model: the compiled trees agree with XGBoost on its examples
-    assert "ensemble" in model.__dict__ and model.examples()["positive"]
-    ensemble = model.ensemble
-    model.__dict__["ensemble"] = dataclasses.replace(ensemble, split=ensemble.split + np.float32(0.5))
+    model.check()  # the trained model: every member's serving path agrees with its reference on the examples
+    trees = xgboost_member(model_dir)
+    examples = [r for records in model.examples().values() for r in records]
+    assert examples
+    rows = model.encoder.model_rows(model.encoder.encode_many(examples)[0])
+    trees.check(rows)
+    assert "ensemble" in trees.__dict__
+    ensemble = trees.ensemble
+    trees.__dict__["ensemble"] = dataclasses.replace(ensemble, split=ensemble.split + np.float32(0.5))
     with pytest.raises(RareMLError, match="disagree with XGBoost"):
-        model.compile()
+        trees.check(rows)

@@ -136,13 +136,17 @@ def test_the_numbers_come_from_the_run(built):
     prepared, tuned = read_json(run / "prepared.json"), read_json(run / "tuned.json")
     assert f'{prepared["rows"]["train"]:,}' in page and f'{prepared["rows"]["test"]:,}' in page
     assert prepared["split"] in page
-    for name in tuned["search"]["ranges"]:
+    manifest = read_json(run / "model" / "manifest.json")
+    weights = manifest["selection"]["weights"]
+    for name in tuned["families"][max(weights, key=weights.get)]["search"]["ranges"]:
         assert f"<code>{name}</code>" in page
+    assert f"<strong>{manifest['selection']['chosen']}</strong>" in page
+    for name, entry in manifest["selection"]["families"].items():
+        assert f"<td>{name}</td><td class=\"n\">{entry['weight']:.2f}</td>" in page
     assert f'{tuned["trials"].get("COMPLETE", 0)} trials\ncomplete' in page or \
         f'{tuned["trials"].get("COMPLETE", 0)} trials complete' in page
     for column, why in prepared["dropped"].items():
         assert f"<code>{column}</code></td><td>{why}</td>" in page
-    manifest = read_json(run / "model" / "manifest.json")
     assert f'<strong>{manifest["calibration"]["method"]}</strong>' in page
     for group in manifest["metrics"]["fairness"]["sex"]:
         assert f"<td>{group}</td>" in page

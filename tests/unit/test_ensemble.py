@@ -10,7 +10,8 @@ import pytest
 import xgboost as xgb
 
 from rareml import metrics
-from rareml.model import average_boosters, mean_margin
+from rareml.families import blend as mean_margin
+from rareml.families.xgboost import average_boosters
 from rareml.predictor import TreeEnsemble
 
 tune = importlib.import_module("02_tune")
@@ -72,9 +73,9 @@ def test_ensemble_takes_as_many_of_the_best_as_raise_out_of_fold_ap():
     oofs = [1 / (1 + np.exp(-s)) for s in signal]
     noise = 1 / (1 + np.exp(-rng.normal(size=400)))
     make = tune.Candidate
-    candidates = [make(0, 0.9, {}, "native", oofs[0], [10]), make(1, 0.8, {}, "ordinal", oofs[1], [10]),
-                  make(2, 0.7, {}, "native", oofs[2], [10]), make(3, 0.6, {}, "native", oofs[3], [10]),
-                  make(4, 0.5, {}, "native", noise, [10])]
+    candidates = [make(i, value, {"encoding": encoding}, oof, [10]) for i, (value, encoding, oof) in enumerate(
+        ((0.9, "native", oofs[0]), (0.8, "ordinal", oofs[1]), (0.7, "native", oofs[2]), (0.6, "native", oofs[3]),
+         (0.5, "native", noise)))]
     chosen = _objective(y, candidates, refits=5).ensemble()
     assert [c.number for c in chosen] == [0, 2, 3]  # the ordinal trial cannot share a booster; noise lowers AP
     assert metrics.average_precision(y, mean_margin([c.oof for c in chosen])) > \

@@ -39,7 +39,7 @@ def test_schema_round_trips_through_dict():
 
 
 def test_ordinal_encoding_is_the_level_position_and_keeps_missing():
-    from rareml.model import dmatrix
+    from rareml.families.xgboost import dmatrix
 
     frame = to_frame([{"age": 1, "code": "4", "job": "b"}, {"age": 2, "code": None, "job": "zzz"}], SCHEMA)
     native, ordinal = dmatrix(frame), dmatrix(frame, encoding="ordinal")

@@ -1,5 +1,6 @@
 """The model folder's manifest is covered by its own checksum and makes the model's version: a threshold,
-schema, metric or file list changed after `save_model` is refused with one line; format-1 folders still load."""
+schema, weight, metric or file list changed after `save_model` is refused with one line; format-1 and
+format-2 folders (one XGBoost booster, before model families) still load."""
 from __future__ import annotations
 
 import hashlib
@@ -17,10 +18,12 @@ import xgboost as xgb
 from rareml.artifacts import file_sha256
 from rareml.calibration import Calibrator
 from rareml.errors import RareMLError
+from rareml.families.xgboost import Fit
 from rareml.features import Feature, Schema
 from rareml.model import MANIFEST_FILE, content_version, load_model, manifest_sha256, save_model, verify_model_dir
 
-BOOSTER_FILE, CALIBRATOR_FILE, EXAMPLES_FILE = "model.ubj", "calibrator.json", "examples.json"
+BOOSTER_FILE, CALIBRATOR_FILE, EXAMPLES_FILE = "xgboost.ubj", "calibrator.json", "examples.json"
+LEGACY_BOOSTER = "model.ubj"  # formats 1 and 2
 
 SCHEMA = Schema(features=(Feature("a", "numeric", min=-3.0, max=3.0, typical=0.0),
                           Feature("b", "numeric", min=0.0, max=100.0, typical=50.0)),
@@ -51,8 +54,12 @@ def manifest(**changes) -> dict:
 EXAMPLES = {"positive": [{"a": 2.0, "b": 90.0, "g": 1}], "negative": [{"a": -1.0, "b": 5.0, "g": 2}]}
 
 
+def members(booster: xgb.Booster) -> list[dict]:
+    return [{"family": "xgboost", "weight": 1.0, "fitted": Fit(booster, "native"), "choice": {"max_depth": 2}}]
+
+
 def write(folder: Path, booster: xgb.Booster, **changes) -> dict:
-    return save_model(folder, booster, Calibrator("sigmoid", a=1.1, b=-0.2), manifest(**changes), EXAMPLES)
+    return save_model(folder, members(booster), Calibrator("sigmoid", a=1.1, b=-0.2), manifest(**changes), EXAMPLES)
 
 
 @pytest.fixture
@@ -70,11 +77,13 @@ def edit(folder: Path, change) -> None:
 
 def test_an_untouched_folder_verifies_and_loads(folder):
     written = json.loads((folder / MANIFEST_FILE).read_text())
-    assert written["format_version"] == 2 and re.fullmatch(r"[0-9a-f]{12}", written["model_version"])
+    assert written["format_version"] == 3 and re.fullmatch(r"[0-9a-f]{12}", written["model_version"])
     # read back from its file (floats, NaN, -0.0 and 2**60 through JSON text), it hashes as written
     assert content_version(written) == written["model_version"]
     assert manifest_sha256(written) == written["manifest_sha256"]
     assert set(written["files"]) == {BOOSTER_FILE, CALIBRATOR_FILE, EXAMPLES_FILE}
+    assert [(m["family"], m["weight"], m["files"], m["encoding"]) for m in written["members"]] == \
+        [("xgboost", 1.0, [BOOSTER_FILE], "native")]
     assert verify_model_dir(folder)["model_version"] == written["model_version"]
     model = load_model(folder)
     assert model.version == written["model_version"] and model.threshold == 0.1 + 0.2
@@ -104,6 +113,8 @@ TAMPERING = {
     "a reference statistic edited": lambda m: m["reference"]["a"].update(mean=0.5),
     "the examples entry removed from files": lambda m: m["files"].pop(EXAMPLES_FILE),
     "the booster entry removed from files": lambda m: m["files"].pop(BOOSTER_FILE),
+    "a member's weight edited": lambda m: m["members"][0].update(weight=0.5),
+    "a member's file renamed": lambda m: m["members"][0].update(files=["other.ubj"]),
     "trained_at edited": lambda m: m.update(trained_at="2030-01-01T00:00:00+00:00"),
     "model_version edited": lambda m: m.update(model_version="0123456789ab"),
     "manifest_sha256 removed": lambda m: m.pop("manifest_sha256"),
@@ -138,8 +149,8 @@ def test_files_outside_the_folder_are_not_read(folder):
 
 
 def test_an_unknown_format_is_refused(folder):
-    edit(folder, lambda m: m.update(format_version=3))
-    with pytest.raises(RareMLError, match=r"unsupported model format 3 \(this rareml reads formats 1 to 2\)"):
+    edit(folder, lambda m: m.update(format_version=4))
+    with pytest.raises(RareMLError, match=r"unsupported model format 4 \(this rareml reads formats 1 to 3\)"):
         verify_model_dir(folder)
 
 
@@ -151,8 +162,9 @@ def test_the_same_inputs_give_the_same_version(tmp_path, booster):
         first["model_version"]
     assert file_sha256(tmp_path / "1" / BOOSTER_FILE) == file_sha256(tmp_path / "2" / BOOSTER_FILE)
     others = {"threshold": write(tmp_path / "3", booster, threshold={"threshold": 0.5, "metric": "f1"}),
-              "calibrator": save_model(tmp_path / "4", booster, Calibrator("sigmoid", a=1.2), manifest(), EXAMPLES),
-              "examples": save_model(tmp_path / "5", booster, Calibrator("sigmoid", a=1.1, b=-0.2), manifest(),
+              "calibrator": save_model(tmp_path / "4", members(booster), Calibrator("sigmoid", a=1.2), manifest(),
+                                       EXAMPLES),
+              "examples": save_model(tmp_path / "5", members(booster), Calibrator("sigmoid", a=1.1, b=-0.2), manifest(),
                                      EXAMPLES | {"negative": []}),
               "booster": write(tmp_path / "6", xgb.train({"objective": "binary:logistic", "max_depth": 1},
                                                          xgb.DMatrix(np.eye(4), label=[0, 1, 0, 1]), 2))}
@@ -161,17 +173,19 @@ def test_the_same_inputs_give_the_same_version(tmp_path, booster):
 
 
 def test_save_model_writes_the_checksums_itself(tmp_path, booster):
-    for key in ("model_version", "manifest_sha256", "format_version", "files"):
+    for key in ("model_version", "manifest_sha256", "format_version", "files", "members"):
         with pytest.raises(ValueError, match=key):
-            save_model(tmp_path, booster, Calibrator(), manifest(**{key: "x"}))
+            save_model(tmp_path, members(booster), Calibrator(), manifest(**{key: "x"}))
+    with pytest.raises(ValueError, match="one member per family"):
+        save_model(tmp_path, members(booster) * 2, Calibrator(), manifest())
 
 
 def write_format_1(folder: Path, booster: xgb.Booster) -> dict:
     """A model folder as rareml wrote it before format 2 (save_model of FORMAT_VERSION = 1, verbatim)."""
     folder.mkdir(parents=True)
-    booster.save_model(folder / BOOSTER_FILE)
+    booster.save_model(folder / LEGACY_BOOSTER)
     (folder / CALIBRATOR_FILE).write_text(json.dumps(Calibrator("sigmoid", a=1.1).to_dict(), indent=2) + "\n")
-    files = {name: file_sha256(folder / name) for name in (BOOSTER_FILE, CALIBRATOR_FILE)}
+    files = {name: file_sha256(folder / name) for name in (LEGACY_BOOSTER, CALIBRATOR_FILE)}
     version = hashlib.sha256("".join(files.values()).encode()).hexdigest()[:12]
     (folder / EXAMPLES_FILE).write_text(json.dumps(EXAMPLES, indent=1) + "\n")
     files[EXAMPLES_FILE] = file_sha256(folder / EXAMPLES_FILE)
@@ -194,7 +208,7 @@ def test_a_format_1_folder_still_loads_with_a_warning(tmp_path, booster, caplog)
 def test_a_damaged_format_1_folder_is_refused(tmp_path, booster, damage):
     write_format_1(tmp_path / "old", booster)
     if damage == "booster":
-        with open(tmp_path / "old" / BOOSTER_FILE, "ab") as fh:
+        with open(tmp_path / "old" / LEGACY_BOOSTER, "ab") as fh:
             fh.write(b"tampered")
         expected = "model.ubj is missing or does not match its checksum"
     else:
@@ -203,3 +217,28 @@ def test_a_damaged_format_1_folder_is_refused(tmp_path, booster, damage):
              (lambda m: m.update(manifest_sha256="0" * 64)))
     with pytest.raises(RareMLError, match=expected):
         load_model(tmp_path / "old")
+
+
+def test_a_format_2_folder_loads_as_one_xgboost_member(tmp_path, booster):
+    """A folder as rareml wrote it before model families (format 2: model.ubj, the encoding and the
+    XGBoost parameters at the top of the manifest) serves what it served, and its configuration
+    still warm-starts a retraining."""
+    folder = tmp_path / "old"
+    folder.mkdir()
+    booster.save_model(folder / LEGACY_BOOSTER)
+    (folder / CALIBRATOR_FILE).write_text(json.dumps(Calibrator("sigmoid", a=1.1).to_dict(), indent=2) + "\n")
+    params = {"grow_policy": "depthwise", "max_depth": 2, "learning_rate": 0.3, "n_estimators": 5}
+    content = json.loads(json.dumps({"format_version": 2, **manifest(), "params": params,
+                                     "files": {n: file_sha256(folder / n) for n in (LEGACY_BOOSTER, CALIBRATOR_FILE)}}))
+    written = {"format_version": 2, "model_version": content_version(content), **content}
+    written["manifest_sha256"] = manifest_sha256(written)
+    (folder / MANIFEST_FILE).write_text(json.dumps(written, indent=2) + "\n")
+    model = load_model(folder)
+    assert model.version == written["model_version"] and model.kind == "xgboost"
+    assert model.members[0].entry["choice"]["max_depth"] == 2 and model.members[0].entry["encoding"] == "native"
+    X = pd.DataFrame({"a": [1.0, -2.0], "b": [40.0, np.nan]})
+    expected = Calibrator("sigmoid", a=1.1).predict(booster.predict(xgb.DMatrix(X)))
+    np.testing.assert_allclose(model.predict_proba(X), expected, rtol=1e-6)
+    edit(folder, lambda m: m["params"].update(max_depth=9))
+    with pytest.raises(RareMLError, match=CHANGED):
+        load_model(folder)

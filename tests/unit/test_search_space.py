@@ -1,5 +1,5 @@
-"""02_tune's search space: every starting point is a point of the space, and the trial's choices
-become the XGBoost parameters the final refit uses (leaf-wise trees unbounded in depth)."""
+"""The XGBoost family's search space: every starting point is a point of the space, and the trial's
+choices become the XGBoost parameters the final refit uses (leaf-wise trees unbounded in depth)."""
 from __future__ import annotations
 
 import importlib
@@ -9,25 +9,34 @@ import optuna
 import pytest
 import xgboost as xgb
 
-from rareml.model import ENCODINGS
+from rareml.families import Context
+from rareml.families import xgboost as xgbf
+from rareml.families.xgboost import ENCODINGS
+from rareml.features import Feature, Schema
 
 tune = importlib.import_module("02_tune")
+SCHEMA = Schema(features=(Feature("a", "numeric"),), target="y", positive=1)
 
 
-@pytest.mark.parametrize("start", tune.STARTS, ids=[f"start{i}" for i in range(len(tune.STARTS))])
+def context(spw_max: float) -> Context:
+    return Context(schema=SCHEMA, spw_max=spw_max, seed=0, rows=100)
+
+
+@pytest.mark.parametrize("start", xgbf.STARTS, ids=[f"start{i}" for i in range(len(xgbf.STARTS))])
 def test_every_start_is_a_point_of_the_search_space(start):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # FixedTrial warns about a value outside its distribution
-        params, encoding = tune.suggest(optuna.trial.FixedTrial(start), spw_max=15.0)
-    assert encoding == start["encoding"] in ENCODINGS
+        choice = xgbf.suggest(optuna.trial.FixedTrial(start), spw_max=15.0)
+    assert choice == start and choice["encoding"] in ENCODINGS
+    params = xgbf.xgb_params(choice)
     assert {k: v for k, v in params.items() if k != "max_depth" or start["grow_policy"] == "depthwise"} == \
         {k: v for k, v in start.items() if k != "encoding"}
 
 
 def test_leafwise_trees_are_bounded_by_leaves_not_depth():
-    lossguide = tune.xgb_params({"grow_policy": "lossguide", "max_leaves": 7, "learning_rate": 0.1, "encoding": "native"})
+    lossguide = xgbf.xgb_params({"grow_policy": "lossguide", "max_leaves": 7, "learning_rate": 0.1, "encoding": "native"})
     assert lossguide == {"grow_policy": "lossguide", "max_leaves": 7, "max_depth": 0, "learning_rate": 0.1}
-    depthwise = tune.xgb_params({"grow_policy": "depthwise", "max_depth": 4, "encoding": "ordinal"})
+    depthwise = xgbf.xgb_params({"grow_policy": "depthwise", "max_depth": 4, "encoding": "ordinal"})
     assert depthwise == {"grow_policy": "depthwise", "max_depth": 4}
 
 
@@ -40,7 +49,7 @@ def test_sampled_trials_give_parameters_xgboost_trains_with():
     seen = set()
     for _ in range(12):
         trial = study.ask()
-        params, _ = tune.suggest(trial, spw_max=3.0)
+        params = xgbf.xgb_params(xgbf.suggest(trial, spw_max=3.0))
         seen.add(params["grow_policy"])
         booster = xgb.train({"objective": "binary:logistic", "verbosity": 0} | params, xgb.DMatrix(X, label=y), 3)
         # a text dump indents each node by its depth in tabs
@@ -58,45 +67,51 @@ def test_row_weights_weigh_the_fitting_and_early_stopping_not_the_validation():
     rng = np.random.default_rng(0)
     X = pd.DataFrame({"a": rng.normal(size=200), "c": pd.Categorical(rng.choice(["p", "q"], 200))})
     y, weight = (rng.random(200) < 0.2).astype(int), rng.uniform(0.5, 3.0, 200)
-    for fold in tune.make_folds(X, y, k=2, repeats=1, seed=0, weight=weight):
+    folds = tune.make_folds(y, k=2, repeats=1, seed=0)
+    for fold, (fit, stop, valid) in zip(folds, tune.fold_data(xgbf.FAMILY, X, y, folds, weight)):
         for encoding in ENCODINGS:
-            fit, stop, valid = fold.fit[encoding], fold.stop[encoding], fold.valid[encoding]
-            assert len(fit.get_weight()) == fit.num_row() and len(stop.get_weight()) == stop.num_row()
-            assert valid.get_weight().size == 0
-            assert sorted(np.r_[fit.get_weight(), stop.get_weight()]) == pytest.approx(
+            fit_e, stop_e, valid_e = fit[encoding], stop[encoding], valid[encoding]
+            assert len(fit_e.get_weight()) == fit_e.num_row() and len(stop_e.get_weight()) == stop_e.num_row()
+            assert valid_e.get_weight().size == 0
+            assert sorted(np.r_[fit_e.get_weight(), stop_e.get_weight()]) == pytest.approx(
                 sorted(np.delete(weight, fold.valid_idx)), rel=1e-6)
-    assert tune.make_folds(X, y, k=2, repeats=1, seed=0)[0].fit["native"].get_weight().size == 0
+    assert tune.fold_data(xgbf.FAMILY, X, y, folds)[0][0]["native"].get_weight().size == 0
 
 
-@pytest.mark.parametrize("start", tune.STARTS[:4], ids=[f"start{i}" for i in range(4)])
+@pytest.mark.parametrize("start", xgbf.STARTS[:4], ids=[f"start{i}" for i in range(4)])
 def test_a_warm_start_is_the_champions_point_of_the_search_space(start, tmp_path):
-    """What 03_serialize writes in the manifest (base and XGBoost parameters, the encoding) gives
-    back the trial that chose them, scale_pos_weight clipped into this data's range."""
+    """What 03_serialize writes in the manifest (the member's choices) gives back the trial that
+    chose them, scale_pos_weight clipped into this data's range; a format-2 manifest (XGBoost
+    parameters and the encoding) too."""
     import json
 
-    from rareml.model import base_params
-
     chosen = start | {"scale_pos_weight": 40.0}
-    manifest = {"params": base_params(0) | tune.xgb_params(chosen) | {"n_estimators": 99},
-                "encoding": chosen["encoding"]}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    warm = tune.warm_start(tmp_path, spw_max=15.0)
-    assert warm == chosen | {"scale_pos_weight": 15.0}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        tune.suggest(optuna.trial.FixedTrial(warm), spw_max=15.0)
+    for manifest in ({"format_version": 3, "members": [{"family": "xgboost", "weight": 1.0, "files": ["x.ubj"],
+                                                        "choice": chosen}]},
+                     {"format_version": 2, "params": xgbf.base_params(0) | xgbf.xgb_params(chosen) | {"n_estimators": 99},
+                      "encoding": chosen["encoding"]}):
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        warm = tune.warm_starts(tmp_path, context(15.0))
+        assert warm == {"xgboost": chosen | {"scale_pos_weight": 15.0}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            xgbf.suggest(optuna.trial.FixedTrial(warm["xgboost"]), spw_max=15.0)
 
 
 def test_a_warm_start_the_search_cannot_use_is_clipped_or_skipped_with_a_warning(tmp_path, caplog):
     import json
 
-    def warm(params: dict, encoding: str = "native") -> dict | None:
-        (tmp_path / "manifest.json").write_text(json.dumps({"params": params, "encoding": encoding}))
-        return tune.warm_start(tmp_path, spw_max=3.0)
+    def warm(choice: dict, encoding: str = "native") -> dict | None:
+        member = {"family": "xgboost", "weight": 1.0, "files": ["x.ubj"], "choice": choice | {"encoding": encoding}}
+        (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 3, "members": [member]}))
+        return tune.warm_starts(tmp_path, context(3.0)).get("xgboost")
 
-    older = tune.STARTS[0] | {"learning_rate": 0.9, "max_depth": 14}  # a champion of a wider search
-    assert warm(older) == tune.STARTS[0] | {"learning_rate": 0.3, "max_depth": 10}
+    first = {k: v for k, v in xgbf.STARTS[0].items() if k != "encoding"}
+    older = first | {"learning_rate": 0.9, "max_depth": 14}  # a champion of a wider search
+    assert warm(older) == xgbf.STARTS[0] | {"learning_rate": 0.3, "max_depth": 10}
     assert warm({"grow_policy": "depthwise"}) is None and "max_depth is None" in caplog.text
-    assert warm(tune.STARTS[0] | {"subsample": float("nan")}) is None and "subsample is nan" in caplog.text
-    assert warm(tune.STARTS[0] | {"grow_policy": "oblivious"}) is None
-    assert warm(tune.STARTS[0], encoding="onehot") is None and "not used" in caplog.text
+    assert warm(first | {"subsample": float("nan")}) is None and "subsample is nan" in caplog.text
+    assert warm(first | {"grow_policy": "oblivious"}) is None
+    assert warm(first, encoding="onehot") is None and "not used" in caplog.text
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 3, "members": [{"family": "forest"}]}))
+    assert tune.warm_starts(tmp_path, context(3.0)) == {} and "unknown model family 'forest'" in caplog.text
