@@ -268,7 +268,7 @@ def search_family(fam: Family, X: pd.DataFrame, y: np.ndarray, folds: list[Fold]
     tuned.json, and the out-of-fold scores of its final model."""
     import mlflow
 
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     objective = Objective(fam, fold_data(fam, X, y, folds, weight), folds, y, context, budget, share_end)
     sampler = optuna.samplers.TPESampler(seed=context.seed, n_startup_trials=8)
     # after 4 complete trials, a trial whose running mean falls below the median at a fold stops there
@@ -314,7 +314,8 @@ def search_family(fam: Family, X: pd.DataFrame, y: np.ndarray, folds: list[Fold]
                                              "iterations": mean(m.iterations)} for m in members],
              "oof_average_precision": oof_ap, "param_importance": param_importance(study),
              "search": fam.search(context) | {"starts": starts[:cap], "max_trials": fam.max_trials},
-             "seconds": time.monotonic() - started}
+             "seconds": time.monotonic() - started,
+             "time": {"started_at": started_at, "share_ends_at": share_end, "ended_at": time.time()}}
     log.info("%s: best trial %d, CV average precision %.4f (%s) in %.0f s", fam.name, best.number, best.value,
              ", ".join(f"{n} {k.lower()}" for k, n in states.items()), entry["seconds"])
     return entry, oof

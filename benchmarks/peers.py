@@ -34,7 +34,7 @@ from sklearn.model_selection import train_test_split
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ("census_income_kdd", "credit_data", "resume_callback")
-CONTENDERS = ("logreg", "xgboost", "lightgbm", "flaml", "autogluon", "rareml")
+CONTENDERS = ("logreg", "xgboost", "lightgbm", "flaml", "autogluon", "rareml", "rareml-linear", "rareml-xgboost")
 RAREML_PY = ROOT / ".venv" / "bin" / "python"
 METRICS = ("average_precision", "roc_auc", "brier")
 VERSIONS = ("flaml", "autogluon.tabular", "lightgbm", "xgboost-cpu", "xgboost", "catboost", "torch",
@@ -241,10 +241,11 @@ def toml_value(v) -> str:
 
 
 def rareml_config(config: dict, dataset: str) -> str:
-    """The shipped config, on the benchmark's split files: no `time` (its column joins `drop`)."""
+    """The shipped config, on the benchmark's split files (in the folder above the config's): no `time`
+    (its column joins `drop`)."""
     table = {k: v for k, v in config.items() if k not in ("name", "data", "time", "test_data")}
     table["drop"] = list(config.get("drop", [])) + ([config["time"]] if "time" in config else [])
-    head = {"name": f"{dataset.replace('_', '-')}-bench", "data": "train.parquet", "test_data": "test.parquet"}
+    head = {"name": f"{dataset.replace('_', '-')}-bench", "data": "../train.parquet", "test_data": "../test.parquet"}
     lines = [f"{k} = {toml_value(v)}" for k, v in {**head, **table}.items() if not isinstance(v, dict)]
     for k, v in table.items():
         if isinstance(v, dict):
@@ -252,10 +253,12 @@ def rareml_config(config: dict, dataset: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_rareml(s: dict) -> tuple[np.ndarray, float, dict]:
-    tmp = s["tmp"]
+def run_rareml(s: dict, families: list[str] | None = None) -> tuple[np.ndarray, float, dict]:
+    """`make all` at the budget: with the config's model families (the default ones), or only `families`."""
+    tmp = s["tmp"] / ("-".join(families) if families else "default")
+    tmp.mkdir()
     config = tmp / "rareml.toml"
-    config.write_text(rareml_config(s["config"], s["dataset"]))
+    config.write_text(rareml_config(s["config"] | ({"model": {"families": families}} if families else {}), s["dataset"]))
     artifacts = tmp / "artifacts"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
     env.pop("VIRTUAL_ENV", None)
@@ -274,12 +277,15 @@ def run_rareml(s: dict) -> tuple[np.ndarray, float, dict]:
         raise RuntimeError(f"make all failed (exit {code}):\n{log.read_text()[-3000:]}")
     npy = tmp / "rareml-test.npy"
     done = subprocess.run([str(RAREML_PY), "-c", PREDICT, str(ROOT), str(model_dir),
-                           str(tmp / "test.parquet"), str(npy)], capture_output=True, text=True, env=env)
+                           str(s["tmp"] / "test.parquet"), str(npy)], capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"rareml prediction failed:\n{done.stderr[-3000:]}")
     manifest = json.loads((model_dir / "manifest.json").read_text())
     tuned = json.loads((artifacts / "tuned.json").read_text())
+    selection = manifest.get("selection") or {}
     notes = {"trials": tuned.get("trials"), "calibration": manifest.get("calibration", {}).get("method"),
+             "model": selection.get("chosen"), "weights": {k: round(v, 3) for k, v in selection.get("weights", {}).items()},
+             "commit": machine()["rareml_commit"],
              "own_test_average_precision": manifest.get("metrics", {}).get("test", {}).get("average_precision")}
     if code:  # the three stages wrote the model, but `make all` failed after them (its closing summary)
         notes["make_all_exit"] = code
@@ -289,7 +295,8 @@ def run_rareml(s: dict) -> tuple[np.ndarray, float, dict]:
 
 
 RUNNERS = {"logreg": run_logreg, "xgboost": run_xgboost, "lightgbm": run_lightgbm, "flaml": run_flaml,
-           "autogluon": run_autogluon, "rareml": run_rareml}
+           "autogluon": run_autogluon, "rareml": run_rareml,
+           "rareml-linear": lambda s: run_rareml(s, ["linear"]), "rareml-xgboost": lambda s: run_rareml(s, ["xgboost"])}
 
 
 # ---------------------------------------------------------------- report
@@ -424,6 +431,8 @@ def main() -> None:
         earlier = json.loads(out.with_suffix(".json").read_text())
         if earlier["split"] == result["split"] and earlier["n_boot"] == result["n_boot"]:
             result["contenders"] = {**earlier["contenders"], **result["contenders"]}
+            # the earlier rows ran with packages this environment may lack (the peers' .venv-bench)
+            result["machine"]["packages"] = {**earlier["machine"]["packages"], **result["machine"]["packages"]}
     lines = write_report(result, out)
     print("\n" + "\n".join(lines))
     print(f"\nwritten: {out.with_suffix('.json')} and .md")

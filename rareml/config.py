@@ -8,7 +8,7 @@ from pathlib import Path
 from rareml.errors import RareMLError
 
 LARGE_ROWS, SMALL_ROWS = 50_000, 20_000
-DEFAULT_FAMILIES = ("xgboost",)
+DEFAULT_FAMILIES = ("linear", "xgboost")
 THRESHOLD_METRICS = ("f1", "fbeta", "mcc", "min_precision", "min_recall", "cost")
 
 
@@ -63,6 +63,7 @@ class Config:
     threshold: ThresholdPolicy = field(default_factory=ThresholdPolicy)
     retrain: RetrainPolicy = field(default_factory=RetrainPolicy)
     families: tuple[str, ...] = DEFAULT_FAMILIES  # [model] families: searched by 02_tune, selected or blended by 03
+    refit_on_all: bool = False  # [model] refit_on_all: the served model refitted on train + test after the evaluation
 
     def folds_for(self, train_rows: int) -> int:
         """Stratified CV folds for tuning: as configured, else 5 (3 for large data, where each fold
@@ -93,7 +94,7 @@ _TYPES = {
     "cv_folds": int, "cv_repeats": int, "seed": int, "max_categories": int, "threshold": dict, "retrain": dict,
     "model": dict,
 }
-_MODEL_TYPES = {"families": list}
+_MODEL_TYPES = {"families": list, "refit_on_all": bool}
 _THRESHOLD_TYPES = {"metric": str, "beta": float, "min_precision": float, "min_recall": float,
                     "cost_fp": float, "cost_fn": float}
 _RETRAIN_TYPES = {"min_new_labels": int, "window_days": float, "production_weight": float, "gate_share": float,
@@ -181,6 +182,7 @@ def load_config(path: str | Path) -> Config:
         threshold=_threshold_policy(table.get("threshold", {}), path.name),
         retrain=_retrain_policy(table.get("retrain", {}), path.name),
         families=_families(table.get("model", {}), path.name),
+        refit_on_all=table.get("model", {}).get("refit_on_all", False),
     )
     if not 0 < config.test_size < 1:
         raise RareMLError(f"{path.name}: test_size must be between 0 and 1")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import optuna
 
 # name -> module; the order is the order 02_tune searches them in (cheapest first: see 02_tune.share)
-REGISTRY = {"xgboost": "rareml.families.xgboost"}
+REGISTRY = {"linear": "rareml.families.linear", "xgboost": "rareml.families.xgboost"}
 
 
 @dataclass(frozen=True)

@@ -115,11 +115,13 @@ def test_every_figure_is_embedded_from_a_file_the_run_wrote(built):
     found = images(page)
     assert len(found) == page.count("<img")  # each image says where it comes from
     sources = {source for _, source in found}
+    detailed = report.main_family(read_json(run / "tuned.json"), read_json(run / "model" / "manifest.json"))
     for name, _ in report.FIGURES.values():  # every figure the run wrote is in the report
+        name = name.format(family=detailed)
         if (run / name).is_file():
             assert name in sources, name
     assert {"reports/pr_roc.png", "reports/reliability.png", "reports/shap_beeswarm.png",
-            "tuning/optuna_history.png"} <= sources
+            f"tuning/{detailed}/optuna_history.png"} <= sources
     for src, source in found:
         assert src.startswith("data:image/png;base64,"), source  # self-contained: nothing fetched
         data = base64.b64decode(src.split(",", 1)[1])
