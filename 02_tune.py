@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
                 fam, X, y, folds, weights_of(train), context, budget, share_end, args.n_trials, warm.get(fam.name),
                 f"{config.name}-{fam.name}", layout.tuning)
         best = max(entries, key=lambda n: entries[n]["oof_average_precision"])
-        totals = pd.Series([e["trials"] for e in entries.values()]).apply(pd.Series).sum().astype(int).to_dict()
+        totals = dict(sum((Counter(e["trials"]) for e in entries.values()), Counter()))
         mlflow.log_metrics({"best_cv_average_precision": entries[best]["cv"]["average_precision"],
                             "tune_seconds": time.monotonic() - started,
                             **{f"trials_{k.lower()}": v for k, v in totals.items()}})
