@@ -8,6 +8,9 @@ that never saw them. Every trial is an MLflow child run under one parent run, ta
 family. Writes artifacts/tuned.json and artifacts/oof.parquet (one column of out-of-fold scores
 per family).
 
+A retraining (--warm-start, 06_retrain.py) searches the families of the model it starts from (the
+champion's), each from its configuration, with the whole budget; `make all` searches the config's.
+
 How the time is shared: the families are searched one after another, cheapest first (the order of
 `rareml.families.REGISTRY`); each gets an equal share of the search time still left when it starts,
 and time a family does not use (a small space stops at its `max_trials`) passes to the next ones.
@@ -333,14 +336,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm-start", type=Path, metavar="MODEL_DIR",
                         help="try the configurations of this model first (06_retrain.py: the champion's)")
     parser.add_argument("--families", default=None, metavar="A,B",
-                        help="the model families to search (default: the config's [model] families)")
+                        help="the model families to search (default: those of --warm-start's model, else the "
+                             "config's [model] families)")
     parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                         help="an MLflow tag for the run and the registered model (06_retrain.py: the alert)")
     args = parser.parse_args(argv)
     tags = dict(t.partition("=")[::2] for t in args.tag)
     config, layout = load_config(args.config), Layout(args.artifacts)
-    names = [n.strip() for n in args.families.split(",") if n.strip()] if args.families else list(config.families)
-    families = sorted((family(n) for n in dict.fromkeys(names)), key=lambda f: list(REGISTRY).index(f.name))
     prepared = read_json(require(layout.prepared, "prepare"))
     schema = Schema.from_dict(prepared["schema"])
     train = pd.read_parquet(require(layout.train, "prepare"))
@@ -352,6 +354,11 @@ def main(argv: list[str] | None = None) -> None:
                       rows=len(train))
     budget = Budget(end, FINAL_FIXED_S + prepared["rows"]["test"] * BOOTSTRAP_S_PER_ROW)
     warm = warm_starts(args.warm_start, context) if args.warm_start else {}
+    # a retraining (--warm-start) searches the families of the model it starts from, with the whole budget;
+    # `make all` searches the config's
+    names = [n.strip() for n in args.families.split(",") if n.strip()] if args.families else \
+        list(warm) or list(config.families)
+    families = sorted((family(n) for n in dict.fromkeys(names)), key=lambda f: list(REGISTRY).index(f.name))
     import mlflow
 
     uri = setup_mlflow(config.name)

@@ -143,9 +143,10 @@ def test_load_counts_and_restart(served, trained):
 def test_refuses_to_start_on_a_corrupt_model(trained, tmp_path):
     artifacts = tmp_path / "artifacts"
     shutil.copytree(trained / "artifacts" / "model", artifacts / "model")
-    with open(artifacts / "model" / "model.ubj", "ab") as f:
+    member = json.loads((artifacts / "model" / "manifest.json").read_text())["members"][0]["files"][0]
+    with open(artifacts / "model" / member, "ab") as f:
         f.write(b"tampered")
     proc = subprocess.run([sys.executable, str(ROOT / "04_serve.py"), "--artifacts", str(artifacts), "--port",
                            str(free_port())], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
-    assert "model.ubj" in proc.stderr and "checksum" in proc.stderr and "Traceback" not in proc.stderr
+    assert member in proc.stderr and "checksum" in proc.stderr and "Traceback" not in proc.stderr

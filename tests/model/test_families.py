@@ -126,3 +126,16 @@ def test_refit_on_all_serves_a_model_refitted_on_train_and_test(tmp_path):
     test = pd.read_parquet(again / "test.parquet")
     served, train_only = load_model(again / "model"), load_model(tmp_path / "artifacts" / "model")
     assert not np.array_equal(served.predict_proba(test), train_only.predict_proba(test))
+
+
+def test_a_retraining_searches_the_champions_families_from_their_configurations(tmp_path):
+    """02_tune --warm-start (06_retrain's) searches only the families the starting model has, each
+    from its own configuration first; without --warm-start, the config's families."""
+    config = write_table(tmp_path, "interactions", n=2000)
+    first = train(config, tmp_path / "artifacts", "--n-trials", "2", "--time-budget", "300")
+    run_stage("02_tune.py", "--config", str(config), "--artifacts", str(tmp_path / "artifacts"), "--n-trials", "1",
+              "--time-budget", "300", "--warm-start", str(tmp_path / "artifacts" / "model"), cwd=tmp_path)
+    tuned = json.loads((tmp_path / "artifacts" / "tuned.json").read_text())
+    assert list(tuned["families"]) == sorted(first["selection"]["weights"], key=["linear", "xgboost"].index)
+    for member in first["members"]:
+        assert tuned["families"][member["family"]]["search"]["starts"][0] == member["choice"]
