@@ -52,7 +52,7 @@ cleanup() {
 }
 trap cleanup EXIT
 cp -r Dockerfile .dockerignore requirements-serve.txt 04_serve.py rareml "$context/"
-rm -rf "$context/rareml/__pycache__"
+rm -rf "$context/rareml/__pycache__" "$context/rareml/families/__pycache__"
 # the champion's folder (what make serve serves), else the plain model folder of an unregistered run
 champion="$artifacts/model"; [ -L "$artifacts/champion" ] && champion="$artifacts/champion"
 mkdir -p "$context/artifacts" && cp -rL "$champion" "$context/artifacts/model"
