@@ -155,9 +155,10 @@ class Objective:
 
     def ensemble(self) -> list[Candidate]:
         """The trials the family's final model averages: the best one, then, on small data and when
-        the family averages, as many of the next best (of the same structure: `Family.averages_trials`)
-        as raise the out-of-fold average precision of their mean."""
-        same = [c for c in self.top if c.choice.get("encoding") == self.top[0].choice.get("encoding")][:self.refits]
+        the family averages, as many of the next best (of the same `Family.structure`) as raise the
+        out-of-fold average precision of their mean."""
+        first = self.fam.structure(self.top[0].choice)
+        same = [c for c in self.top if self.fam.structure(c.choice) == first][:self.refits]
         scores = [metrics.average_precision(self.y, blend([c.oof for c in same[:k]])) for k in range(1, len(same) + 1)]
         return same[:int(np.argmax(scores)) + 1]
 

@@ -64,6 +64,10 @@ class Family:
     averages_trials = False  # the final model may average the few best trials (02_tune, small data)
     max_trials: int | None = None  # a small space needs no more: the rest of its time goes to the next family
 
+    def structure(self, choice: dict) -> object:
+        """What trials must share for their fits to be averaged into one model (`averages_trials`)."""
+        return None
+
     def starts(self, context: Context) -> list[dict]:
         """Known-good choices, tried before the sampler explores."""
         raise NotImplementedError

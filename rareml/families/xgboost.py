@@ -208,6 +208,9 @@ class XGBoost(Family):
     name = "xgboost"
     averages_trials = True
 
+    def structure(self, choice: dict) -> object:
+        return choice["encoding"]  # boosters on different inputs cannot share one model
+
     def starts(self, context: Context) -> list[dict]:
         return [dict(s) for s in STARTS]
 

@@ -11,6 +11,7 @@ import xgboost as xgb
 
 from rareml import metrics
 from rareml.families import blend as mean_margin
+from rareml.families import family
 from rareml.families.xgboost import average_boosters
 from rareml.predictor import TreeEnsemble
 
@@ -63,6 +64,7 @@ def test_one_member_is_the_member_itself(data):
 def _objective(y: np.ndarray, candidates: list, refits: int):
     objective = object.__new__(tune.Objective)  # the selection alone: no folds, no MLflow
     objective.y, objective.top, objective.refits = y, candidates, refits
+    objective.fam = family("xgboost")
     return objective
 
 
